@@ -81,3 +81,27 @@ def load_npz(path: str | os.PathLike[str], required: tuple[str, ...] = ()) -> di
     if missing:
         raise ValueError(f"{p} lacks arrays {missing} (has {sorted(arrays)}); rerun its stage.")
     return arrays
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    Directory outputs (a prepared dataset, a corruption set) are then either complete or absent.
+    """
+    import shutil
+
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,1 @@
+"""Prefect flows that chain ltta's DVC stages."""

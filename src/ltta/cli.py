@@ -1,0 +1,94 @@
+"""``ltta <command>``: one subcommand per DVC stage, plus ``ltta params`` to compose params.yaml.
+
+Every command validates params.yaml before it touches anything, and turns expected failures
+(bad params, missing or corrupt files, unreachable servers, NaN losses) into one clear line on
+stderr and a non-zero exit, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ltta.config import ParamsError, load_params
+
+# command -> (module under ltta.stages, help). The module's ``run(params)`` does the work.
+STAGE_COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-data": ("prepare_data", "load/download the dataset, split, validate, generate the corruption benchmark"),
+    "train-target": ("train_target", "train the target classifier (checkpointed, resumable)"),
+    "build-loss-dataset": ("build_loss_dataset", "the target's loss for each image under every candidate transform"),
+    "train-predictor": ("train_predictor", "train the loss predictor with a differentiable Spearman ranking loss"),
+    "search-policy": ("search_policy", "Fast AutoAugment search (density matching, TPE): a static policy"),
+    "evaluate": ("evaluate", "every TTA method on clean and corrupted test sets: metrics, table, plots"),
+}
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ltta",
+        description="Learned test-time augmentation pipeline (Kim et al., NeurIPS 2020). "
+        "Stages are normally run by `dvc repro`; each can also be run alone.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_module, help_text) in STAGE_COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    cp = sub.add_parser(
+        "params",
+        help="compose params.yaml from conf/ (profiles and overrides), validate, write it",
+        description="Compose conf/config.yaml with Hydra overrides (e.g. profile=cifar100 train_target.epochs=5), "
+        "validate the result and write params.yaml; the same composition `dvc exp run -S` does.",
+    )
+    cp.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. profile=cifar10")
+    cp.add_argument("--conf", type=Path, default=Path("conf"), help="config directory (default: conf)")
+    cp.add_argument("--out", type=Path, default=Path("params.yaml"), help="file to write (default: params.yaml)")
+    cp.add_argument("--check", action="store_true", help="only check that --out equals the composition; exit 1 if not")
+    vp = sub.add_parser("check-params", help="validate params.yaml and exit", description="Validate params.yaml and exit.")
+    vp.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "params":
+            from ltta.compose import compose_params, write_params
+
+            composed = compose_params(args.conf, list(args.overrides))
+            if args.check:
+                current = load_params(args.out)
+                if current != composed:
+                    print(f"error: {args.out} differs from the composition of {args.conf} {args.overrides}; "
+                          f"run `ltta params {' '.join(args.overrides)}`", file=sys.stderr)
+                    return EXIT_FAILURE
+                print(f"{args.out} matches {args.conf}")
+                return 0
+            write_params(args.out, composed)
+            print(f"wrote {args.out} (profile {composed.profile})")
+            return 0
+        params = load_params(args.params)
+        if args.command == "check-params":
+            print(f"{args.params}: valid (profile {params.profile})")
+            return 0
+        module = importlib.import_module(f"ltta.stages.{STAGE_COMMANDS[args.command][0]}")
+        module.run(params)
+        return 0
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
+        print(f"error: {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.command} (rerun resumes from its last checkpoint where it has one)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""The typed schema of ``params.yaml``: every knob of every stage, checked before any work starts.
+
+An unknown key, a wrong type or an out-of-range value stops the stage with the key's dotted
+name and what is allowed (``train_target.epochs: must be >= 1 (got -1)``). Stages read params
+through :func:`load_params`; the library itself never sees this file, it takes plain arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ltta.corruptions.names import ALL_CORRUPTIONS
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Section(BaseModel):
+    """Strict base: unknown keys are errors, values are not silently coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataParams(_Section):
+    source: Literal["digits", "cifar10", "cifar100", "npz", "folder"] = "digits"
+    path: str | None = None  # the .npz file or image folder for source npz / folder
+    url: str | None = None  # a mirror of the official archive (CIFAR sources)
+    root: str = "data/raw"  # where downloads are kept
+    image_size: PositiveInt = 32
+    test_fraction: Fraction = 0.2  # held out as test when the source has no official test split
+    max_train: PositiveInt | None = None  # stratified cap on training images (None: all)
+    max_test: PositiveInt | None = None  # stratified cap on test images (None: all)
+    valid_loss_fraction: Fraction = 0.2  # the paper's train_loss / valid_loss split of the training data
+
+    @model_validator(mode="after")
+    def _path_for_local_sources(self) -> DataParams:
+        if self.source in ("npz", "folder") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class CorruptionParams(_Section):
+    names: list[str] = Field(min_length=1)
+    max_images: PositiveInt | None = None  # corrupt only this many test images (stratified)
+
+    @field_validator("names")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in ALL_CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown corruption(s) {unknown}; allowed: {', '.join(ALL_CORRUPTIONS)}")
+        return names
+
+
+class TrainTargetParams(_Section):
+    arch: str = "small_cnn"
+    width: PositiveInt | None = None  # architecture width (small_cnn); None: the architecture's default
+    mode: Literal["standard"] = "standard"
+    epochs: PositiveInt = 15
+    batch_size: PositiveInt = 128
+    lr: Annotated[float, Field(gt=0.0)] = 0.1  # peak learning rate (SGD)
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    nesterov: bool = True
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainTargetParams:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"train_target.warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
+        return self
+
+
+class LossDatasetParams(_Section):
+    candidates: Literal["all", "paper"] | list[str] = "all"
+    duplication: PositiveInt = 3  # copies of each training image (the public code's num_duplication)
+    p_aug: Probability = 0.4  # probability of each random rotation / zoom / brightness / corruption
+    corruptions: list[str] = Field(default_factory=list)  # corruptions mixed into the predictor's inputs
+    batch_size: PositiveInt = 512
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in ALL_CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown corruption(s) {unknown}; allowed: {', '.join(ALL_CORRUPTIONS)}")
+        return names
+
+
+class TrainPredictorParams(_Section):
+    width: PositiveInt = 32
+    epochs: PositiveInt = 20
+    batch_size: PositiveInt = 128
+    lr: Annotated[float, Field(gt=0.0)] = 0.01
+    optimizer: Literal["rmsprop_tf", "adam", "sgd"] = "rmsprop_tf"
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-5
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    tau: Annotated[float, Field(gt=0.0)] = 1.0  # softmin temperature of the target ranking
+    rank_temperature: Annotated[float, Field(gt=0.0)] = 0.1  # soft-rank temperature
+
+
+class SearchPolicyParams(_Section):
+    folds: PositiveInt = 5  # K
+    fold_ratio: Fraction = 0.4  # share of each fold in D_A
+    trials: PositiveInt = 200  # B, TPE trials per fold
+    policies: PositiveInt = 5  # sub-policies per candidate policy
+    ops: PositiveInt = 2  # ops per sub-policy
+    top_n: PositiveInt = 10  # N best trials per fold merged into the final policy
+    repeats: PositiveInt = 1  # T
+    max_images: PositiveInt | None = 4000  # reduced search set (FAA: 4,000 CIFAR-10 images)
+    epochs: PositiveInt = 20  # epochs of each fold's D_M model
+    storage: str | None = None  # Optuna RDB URL for resumable / distributed search; None: in memory
+
+
+class EvaluateParams(_Section):
+    methods: list[Literal["none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "oracle"]] = Field(
+        min_length=1
+    )
+    k: PositiveInt = 3  # views chosen by random / policy / learned TTA
+    baseline: str = "none"  # the method that mCE is relative to
+    batch_size: PositiveInt = 512
+    severities: list[Annotated[int, Field(ge=1, le=5)]] = Field(default=[1, 2, 3, 4, 5], min_length=1)
+    max_images: PositiveInt | None = None  # cap on clean and corrupted test images per set
+
+    @model_validator(mode="after")
+    def _baseline_in_methods(self) -> EvaluateParams:
+        if self.baseline not in self.methods:
+            raise ValueError(f"evaluate.baseline {self.baseline!r} must be one of evaluate.methods {self.methods}")
+        return self
+
+
+class TrackingParams(_Section):
+    experiment: str = "ltta"
+    register_models: bool = True
+
+
+class Params(_Section):
+    profile: str = "digits"  # name of the profile these values came from (informational)
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataParams
+    corruptions: CorruptionParams
+    train_target: TrainTargetParams
+    loss_dataset: LossDatasetParams
+    train_predictor: TrainPredictorParams
+    search_policy: SearchPolicyParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams = TrackingParams()
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names each bad key."""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see params.yaml's documented keys)"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        elif "input" in e and e["type"] not in ("missing",):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate an already-loaded mapping."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(f"{source} is invalid:\n{_format_errors(err)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; every problem is reported at once, by key."""
+    p = Path(path)
+    if not p.exists():
+        raise ParamsError(f"{p} not found: run from the project root, or pass --params PATH")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{p} is not valid YAML: {exc}") from None
+    return parse_params(raw, str(p))

@@ -1,0 +1,97 @@
+"""Stage train_target: train the classifier whose robustness TTA should buy back.
+
+Outputs: ``models/target.pt``, ``metrics/target.json``, ``plots/target_curve.csv`` (per-epoch loss,
+error, lr, images/s). A checkpoint under ``checkpoints/`` keyed by the params makes a killed run
+resume where it stopped; other params start fresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from ltta import tracking
+from ltta.config import Params
+from ltta.io import atomic_path, load_npz, write_json
+from ltta.model_io import save_model_file
+from ltta.models import build_model
+from ltta.runtime import resolve_device, seed_everything, to_float_nchw
+from ltta.stages.base import Paths, mlflow_stage
+from ltta.training.target import TrainConfig, evaluate_classifier, train_classifier
+
+STAGE = "train_target"
+
+
+def model_kwargs(arch_width: int | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments recorded in the model file (num_classes, normalisation, width)."""
+    kwargs: dict[str, Any] = {"num_classes": meta["num_classes"], "mean": tuple(meta["mean"]), "std": tuple(meta["std"])}
+    if arch_width is not None:
+        kwargs["width"] = arch_width
+    return kwargs
+
+
+def write_curve(path: Any, history: list[dict[str, Any]]) -> None:
+    """Per-epoch rows as CSV for ``dvc plots``."""
+    if not history:
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def run(params: Params, paths: Paths = Paths()) -> None:
+    p = params.train_target
+    device = resolve_device(params.device)
+    seed_everything(params.seed)
+    train = load_npz(paths.prepared / "train.npz", required=("x", "y"))
+    test = load_npz(paths.prepared / "test.npz", required=("x", "y"))
+    meta = json.loads((paths.prepared / "meta.json").read_text())
+
+    cfg = TrainConfig(
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        momentum=p.momentum,
+        nesterov=p.nesterov,
+        weight_decay=p.weight_decay,
+        warmup_epochs=p.warmup_epochs,
+        augment=p.mode,
+        amp=p.amp,
+        channels_last=p.channels_last,
+        compile=p.compile,
+        seed=params.seed,
+    )
+    kwargs = model_kwargs(p.width, meta)
+    fingerprint = hashlib.sha256(json.dumps([p.model_dump(), kwargs, params.seed], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    ckpt = paths.checkpoints / f"target-{fingerprint}.pt"
+
+    with mlflow_stage(STAGE, params, ("train_target",)):
+        model = build_model(p.arch, **kwargs).to(device)
+        x_tr, y_tr = to_float_nchw(train["x"], device), torch.as_tensor(train["y"], device=device)
+        x_te, y_te = to_float_nchw(test["x"], device), torch.as_tensor(test["y"], device=device)
+        history = train_classifier(
+            model, x_tr, y_tr, cfg, x_val=x_te, y_val=y_te, checkpoint_path=ckpt,
+            on_epoch=lambda row: tracking.log_metrics(row, step=int(row["epoch"])),
+        )
+        final = evaluate_classifier(model, x_te, y_te)
+        save_model_file(paths.target, model, p.arch, kwargs, extra={"classes": meta["classes"], "history": history})
+        metrics = {
+            "test_error": round(float(final["error"]), 4),
+            "test_loss": round(float(final["loss"]), 4),
+            "train_error": round(float(history[-1]["train_error"]), 4),
+            "epochs": len(history),
+            "images_per_s": round(float(sum(h["images_per_s"] for h in history) / len(history)), 1),
+        }
+        write_json(paths.metrics / "target.json", metrics)
+        write_curve(paths.plots / "target_curve.csv", history)
+        tracking.log_metrics(metrics)
+        tracking.log_artifacts([paths.plots / "target_curve.csv"])
+        tracking.log_and_register_model(
+            model, "ltta-target", x_te[:2].cpu().numpy(), register=params.tracking.register_models
+        )
+        ckpt.unlink(missing_ok=True)  # the finished model is the artifact; the checkpoint only served resumption

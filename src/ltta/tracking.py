@@ -1,0 +1,154 @@
+"""MLflow in one place: where runs go, how a stage run is opened, how models are registered.
+
+Every stage run becomes an MLflow run tagged with the git commit and the DVC stage; when the
+Prefect flow drives the pipeline it exports ``LTTA_PARENT_RUN_ID`` so stage runs nest under the
+pipeline's run. The default store is a SQLite file at the project root, addressed by an
+absolute URI so that ``dvc exp run --temp`` (which runs in a copy under ``.dvc/tmp/exps``) still
+logs to the real project; ``MLFLOW_TRACKING_URI`` overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+PARENT_RUN_ENV = "LTTA_PARENT_RUN_ID"
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project directory: the real one even inside a DVC temporary experiment copy."""
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    if ".dvc" in parts:  # dvc exp run --temp works in <root>/.dvc/tmp/exps/...
+        return Path(*parts[: parts.index(".dvc")])
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").exists():
+            return candidate
+    return here
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite URI at the project root."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{project_root(root) / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with the fix, when an HTTP tracking server does not answer (MLflow itself retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status != 200:
+                raise OSError(f"status {resp.status}")
+    except (OSError, urllib.error.URLError) as exc:
+        raise RuntimeError(
+            f"MLflow tracking server {uri} is unreachable ({exc}). Start it (mlflow server ...), "
+            "or unset MLFLOW_TRACKING_URI to log to the local SQLite store."
+        ) from None
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The current commit, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root or project_root(), capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their string form (MLflow params are strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """Open an MLflow run for one DVC stage (nested under the pipeline's run when there is one)."""
+    import mlflow
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    all_tags = {
+        "ltta.stage": stage,
+        "dvc.stage": stage,
+        "mlflow.source.git.commit": git_commit(),
+        **(dict(tags) if tags else {}),
+    }
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
+        flat = flatten(params)
+        # MLflow caps a batch at 100 params; log in chunks.
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active run (non-numbers are skipped)."""
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
+    """Attach files (plots, reports, metrics) to the active run."""
+    import mlflow
+
+    for p in paths:
+        if Path(p).exists():
+            mlflow.log_artifact(str(p), artifact_path=artifact_path)
+
+
+def log_and_register_model(model: Any, name: str, example_input: Any, *, register: bool, alias: str = "candidate") -> str | None:
+    """Log a torch model with a signature inferred from numpy in/out; register it and set ``alias``.
+
+    Returns the registered version (as a string) or None when registration is off.
+    """
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.eval()
+    with torch.no_grad():
+        x = torch.as_tensor(example_input)
+        device = next(model.parameters()).device
+        y = model(x.to(device)).float().cpu().numpy()
+    signature = infer_signature(np.asarray(example_input), y)
+    info = mlflow.pytorch.log_model(
+        pytorch_model=model,
+        name=name,
+        signature=signature,
+        # Explicit requirements: inferring them imports and inspects the whole environment (slow).
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+    )
+    if not register:
+        return None
+    version = mlflow.register_model(info.model_uri, name)
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return str(version.version)

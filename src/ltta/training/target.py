@@ -1,0 +1,506 @@
+"""The target classifier's trainer: data resident on the device, batched augmentation, exact resume.
+
+The recipe is the CIFAR one of the reference code the paper builds on: SGD with Nesterov
+momentum, weight decay, a cosine learning-rate decay updated every step (AugMix:
+google-research/augmix cifar.py ``get_lr`` through ``LambdaLR``; Fast AutoAugment:
+kakaobrain/fast-autoaugment FastAutoAugment/train.py, which steps a cosine schedule at fractional
+epochs behind a linear warm-up), cross-entropy, pad-4 crop + flip (with a searched policy applied
+first, FAA's order: policy -> crop -> flip).
+
+Unlike the references there is no DataLoader: the whole training set is one tensor on the device,
+each epoch is a random permutation drawn from an explicit generator, batches are index slices,
+and augmentation runs batched on the device. Everything random is checkpointed, so a killed run
+resumed from its checkpoint ends bitwise equal to an uninterrupted one (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ltta.io import save_torch
+from ltta.registry import Registry
+from ltta.runtime import make_generator
+from ltta.transforms.functional import random_crop_flip
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def _no_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return x
+
+
+#: Batched training augmentations by name: ``fn(x [B,3,H,W] in [0,1], generator) -> x``.
+TRAIN_AUGMENTATIONS: Registry[Augment] = Registry("training augmentation")
+TRAIN_AUGMENTATIONS.add("none", _no_augment)
+# Pad-4 random crop then random flip: the standard CIFAR augmentation of AugMix and FAA.
+TRAIN_AUGMENTATIONS.add("standard", random_crop_flip)
+
+CHECKPOINT_FORMAT = 1
+# Settings that change nothing the optimiser sees, so a run may resume under different values.
+_NOT_FINGERPRINTED = frozenset({"eval_batch_size", "compile"})
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint exists at the path but was written by a run with other settings or data."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run. Units: epochs are passes over the training set."""
+
+    epochs: int
+    batch_size: int = 128  # images per SGD step (last partial batch of an epoch is dropped)
+    lr: float = 0.1  # peak learning rate, reached after warm-up
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # L2 on every parameter, as the references' SGD does
+    warmup_epochs: int = 0  # linear warm-up from lr/warmup_steps to lr (FAA: 5 for WRN-40-2)
+    min_lr: float = 0.0  # cosine floor (FAA: 0; AugMix: 1e-6)
+    label_smoothing: float = 0.0
+    grad_clip_norm: float | None = None  # clip the global gradient norm (FAA's conf: 5), None: off
+    augment: str = "standard"  # a name in TRAIN_AUGMENTATIONS
+    amp: bool = True  # bf16 autocast; only takes effect on CUDA
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the forward/backward
+    seed: int = 0  # data order, augmentation draws and dropout
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig.{msg}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(is_int(self.epochs) and self.epochs >= 1, f"epochs must be an integer >= 1 (got {self.epochs!r})")
+        need(
+            is_int(self.batch_size) and self.batch_size >= 1,
+            f"batch_size must be an integer >= 1 (got {self.batch_size!r})",
+        )
+        need(is_num(self.lr) and self.lr > 0, f"lr must be a finite number > 0 (got {self.lr!r})")
+        need(is_num(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum!r})")
+        need(
+            not (self.nesterov and self.momentum == 0),
+            "nesterov=True needs momentum > 0 (set momentum, or nesterov: false)",
+        )
+        need(
+            is_num(self.weight_decay) and self.weight_decay >= 0,
+            f"weight_decay must be >= 0 (got {self.weight_decay!r})",
+        )
+        need(
+            is_int(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
+            f"warmup_epochs must be an integer in [0, epochs={self.epochs}) (got {self.warmup_epochs!r})",
+        )
+        need(
+            is_num(self.min_lr) and 0 <= self.min_lr <= self.lr,
+            f"min_lr must be in [0, lr={self.lr}] (got {self.min_lr!r})",
+        )
+        need(
+            is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+            f"label_smoothing must be in [0, 1) (got {self.label_smoothing!r})",
+        )
+        need(
+            self.grad_clip_norm is None or (is_num(self.grad_clip_norm) and self.grad_clip_norm > 0),
+            f"grad_clip_norm must be None (off) or > 0 (got {self.grad_clip_norm!r})",
+        )
+        need(
+            self.augment in TRAIN_AUGMENTATIONS,
+            f"augment {self.augment!r} is unknown; choose one of {', '.join(TRAIN_AUGMENTATIONS.names())}",
+        )
+        for flag in ("nesterov", "amp", "channels_last", "compile"):
+            need(isinstance(getattr(self, flag), bool), f"{flag} must be true or false (got {getattr(self, flag)!r})")
+        need(is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0 (got {self.seed!r})")
+        need(
+            is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+            f"eval_batch_size must be an integer >= 1 (got {self.eval_batch_size!r})",
+        )
+
+
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based).
+
+    Linear warm-up ``(step+1)/warmup_steps`` (FAA's GradualWarmupScheduler with multiplier 1
+    ramps the same way, per epoch), then half a cosine from 1 down to ``min_ratio`` over the
+    remaining steps, evaluated per step as AugMix's ``get_lr(step, total_steps, ...)``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------- inference helpers
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 for these nets)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _prefers_channels_last(model: nn.Module) -> bool:
+    """True when the model's first conv weight is channels_last (so inputs should match it)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block, then the caller's mode back (so helpers can run mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int, amp: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if x.dim() != 4:
+        raise ValueError(f"expected images [N,C,H,W], got shape {tuple(x.shape)}")
+    device = _model_device(model)
+    fmt = torch.channels_last if _prefers_channels_last(model) else torch.contiguous_format
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
+        with _autocast(device, amp):
+            logits = model(xb)
+        yield start, logits.float()
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, amp: bool = True) -> torch.Tensor:
+    """Softmax probabilities float32 [N,K] on ``x``'s device (eval mode, bf16 autocast on CUDA)."""
+    chunks = []
+    with _eval_mode(model):
+        for _, logits in _batched_logits(model, x, batch_size, amp):
+            chunks.append(logits.softmax(dim=1).to(x.device))
+    if not chunks:
+        raise ValueError("predict_proba got an empty batch (N = 0)")
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024, amp: bool = True
+) -> dict[str, float]:
+    """Mean cross-entropy and top-1 error (fractions, not %) of ``model`` on ``(x, y)``."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} images but y has {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise ValueError("evaluate_classifier got an empty set (N = 0)")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=_model_device(model))
+    wrong = torch.zeros((), dtype=torch.int64, device=loss_sum.device)
+    with _eval_mode(model):
+        for start, logits in _batched_logits(model, x, batch_size, amp):
+            yb = y[start : start + logits.shape[0]].to(logits.device, non_blocking=True)
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+            wrong += (logits.argmax(dim=1) != yb).sum()
+    n = x.shape[0]
+    return {"loss": float(loss_sum) / n, "error": float(wrong) / n}
+
+
+# ---------------------------------------------------------------- checkpoint helpers
+
+
+def _data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    """A device-independent fingerprint of the training set (a strided sample of it, quantised)."""
+    n = x.shape[0]
+    stride = max(1, n // 64)
+    sample = (x[::stride].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    h = hashlib.sha256(sample.numpy().tobytes())
+    h.update(y.detach().to(torch.int64).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(cfg: TrainConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
+    fields["model"] = type(model).__name__
+    fields["model_parameters"] = sum(p.numel() for p in model.parameters())
+    fields["train_shape"] = list(x.shape)
+    fields["train_data"] = _data_digest(x, y)
+    return json.loads(json.dumps(fields))  # plain JSON types, comparable after a torch.load
+
+
+def _load_checkpoint(path: Path, expected: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file
+        raise CheckpointMismatchError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete it to train from scratch."
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(
+            f"{path} is not a checkpoint of this trainer (format {CHECKPOINT_FORMAT}); delete it to train from scratch."
+        )
+    stored = ckpt["fingerprint"]
+    if stored != expected:
+        diffs = [
+            f"{k}: checkpoint {stored.get(k)!r} vs now {expected.get(k)!r}"
+            for k in sorted(set(stored) | set(expected))
+            if stored.get(k) != expected.get(k)
+        ]
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written by a run with different settings or data ({'; '.join(diffs)}). "
+            f"Delete it to start this run from scratch, or restore the original settings to resume it."
+        )
+    if ckpt["device_type"] != device.type:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written on {ckpt['device_type']} but this run is on {device.type}; the random "
+            f"streams cannot carry over. Resume on {ckpt['device_type']}, or delete the checkpoint to start over."
+        )
+    return ckpt
+
+
+def _rng_state(device: torch.device, generator: torch.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["cpu"])
+    generator.set_state(state["generator"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextlib.contextmanager
+def _private_global_rng(device: torch.device) -> Iterator[None]:
+    """Dropout draws from torch's global RNG: fork it so training neither depends on nor disturbs
+    the caller's random state (it is seeded from the config or restored from the checkpoint)."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+# ---------------------------------------------------------------- training
+
+
+def _check_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x_{name} must be float images [N,C,H,W] in [0,1], got {x.dtype} {tuple(x.shape)}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y_{name} must be labels [N] matching x_{name} (N={x.shape[0]}), got {tuple(y.shape)}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"y_{name} must hold integer class indices, got {y.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"x_{name} is empty")
+    device = _model_device(model)
+    if x.device != device or y.device != device:
+        raise ValueError(
+            f"x_{name}/y_{name} live on {x.device}/{y.device} but the model is on {device}; move the data to the "
+            f"model's device once before training (the trainer keeps the whole set resident there)."
+        )
+
+
+def train_classifier(
+    model: nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    x_val: torch.Tensor | None = None,
+    y_val: torch.Tensor | None = None,
+    checkpoint_path: Path | str | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+    extra_augment: Augment | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` in place on ``(x_train, y_train)`` (already on the model's device).
+
+    Returns the history: one dict per epoch with ``epoch`` (1-based), ``train_loss``,
+    ``train_error`` (on the augmented batches), ``val_loss``/``val_error`` (None without a
+    validation set), ``lr`` (at the epoch's last step), ``images_per_s`` and ``seconds``.
+    With ``checkpoint_path`` every finished epoch is saved atomically, and an existing checkpoint
+    of the same run is resumed from the epoch after it; ``on_epoch`` runs after each save.
+    ``extra_augment`` (e.g. a searched policy) is applied before the ``cfg.augment`` crop/flip.
+    """
+    _check_inputs(model, x_train, y_train, "train")
+    if (x_val is None) != (y_val is None):
+        raise ValueError("pass both x_val and y_val, or neither")
+    if x_val is not None and y_val is not None:
+        _check_inputs(model, x_val, y_val, "val")
+    device = _model_device(model)
+    n = x_train.shape[0]
+    batch_size = min(cfg.batch_size, n)
+    # Full batches only (FAA's training loader drops the last one too): static shapes for
+    # torch.compile, and no size-1 batch for BatchNorm. A fresh permutation each epoch covers all.
+    steps_per_epoch = n // batch_size
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    augment = TRAIN_AUGMENTATIONS.get(cfg.augment)
+    y_train = y_train.long()
+    y_val = y_val.long() if y_val is not None else None
+
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov,
+    )
+    min_ratio = cfg.min_lr / cfg.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, total_steps, warmup_steps, min_ratio)
+    )
+    generator = make_generator(cfg.seed, device)
+    fingerprint = _fingerprint(cfg, model, x_train, y_train)
+    ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    net: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
+
+    with _private_global_rng(device):
+        history: list[dict[str, Any]] = []
+        start_epoch = 1
+        # Dropout's global stream: a seed distinct from the data-order generator's.
+        torch.manual_seed(cfg.seed + 1)
+        if ckpt_path is not None and ckpt_path.exists():
+            ckpt = _load_checkpoint(ckpt_path, fingerprint, device)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"], device, generator)
+            history = list(ckpt["history"])
+            start_epoch = int(ckpt["epoch"]) + 1
+
+        bar = tqdm(
+            range(start_epoch, cfg.epochs + 1),
+            total=cfg.epochs,
+            initial=start_epoch - 1,
+            desc="train",
+            unit="epoch",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        with contextlib.closing(bar):
+            for epoch in bar:
+                record = _train_epoch(
+                    net, optimizer, scheduler, x_train, y_train, cfg, epoch, steps_per_epoch, batch_size,
+                    generator, augment, extra_augment,
+                )  # fmt: skip
+                if x_val is not None and y_val is not None:
+                    val = evaluate_classifier(model, x_val, y_val, cfg.eval_batch_size, cfg.amp)
+                    record["val_loss"], record["val_error"] = val["loss"], val["error"]
+                history.append(record)
+                if ckpt_path is not None:
+                    save_torch(
+                        ckpt_path,
+                        {
+                            "format": CHECKPOINT_FORMAT,
+                            "fingerprint": fingerprint,
+                            "device_type": device.type,
+                            "epoch": epoch,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "rng": _rng_state(device, generator),
+                            "history": history,
+                        },
+                    )
+                bar.set_postfix(
+                    loss=f"{record['train_loss']:.3f}",
+                    err=f"{record['train_error']:.3f}",
+                    val_err="-" if record["val_error"] is None else f"{record['val_error']:.3f}",
+                    lr=f"{record['lr']:.3g}",
+                )
+                if on_epoch is not None:
+                    on_epoch(dict(record))
+    model.eval()
+    return history
+
+
+def _train_epoch(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    epoch: int,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: Augment,
+    extra_augment: Augment | None,
+) -> dict[str, Any]:
+    """One pass; per-step losses stay on the device and are read once at the end (no per-step sync)."""
+    device = x.device
+    net.train()
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    step_losses = torch.empty(steps, dtype=torch.float32, device=device)
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    t0 = time.perf_counter()
+    order = torch.randperm(x.shape[0], device=device, generator=generator)
+    for step in range(steps):
+        idx = order[step * batch_size : (step + 1) * batch_size]
+        with torch.no_grad():
+            xb = x[idx]
+            if extra_augment is not None:
+                xb = extra_augment(xb, generator)
+            xb = augment(xb, generator).contiguous(memory_format=fmt)
+        yb = y[idx]
+        with _autocast(device, cfg.amp):
+            logits = net(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip_norm)
+        optimizer.step()
+        scheduler.step()
+        step_losses[step] = loss.detach()
+        wrong += (logits.detach().argmax(dim=1) != yb).sum()
+    bad = (~torch.isfinite(step_losses)).nonzero()
+    if bad.numel() > 0:
+        first = int(bad[0, 0])
+        raise RuntimeError(
+            f"training diverged: non-finite loss ({float(step_losses[first])}) at epoch {epoch}, step {first + 1} of "
+            f"{steps} (lr {cfg.lr}). Lower the learning rate (or add warmup_epochs / grad_clip_norm); the last "
+            f"checkpoint, if any, holds the previous epoch."
+        )
+    seconds = time.perf_counter() - t0  # the reads above synchronised the device
+    images = steps * batch_size
+    return {
+        "epoch": epoch,
+        "train_loss": float(step_losses.double().mean()),
+        "train_error": float(wrong) / images,
+        "val_loss": None,
+        "val_error": None,
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_s": images / seconds if seconds > 0 else float("inf"),
+        "seconds": seconds,
+    }
