@@ -244,12 +244,18 @@ def _data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(cfg: TrainConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+def _fingerprint(
+    cfg: TrainConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra_augment: Augment | None
+) -> dict[str, Any]:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
     fields["model"] = type(model).__name__
     fields["model_parameters"] = sum(p.numel() for p in model.parameters())
     fields["train_shape"] = list(x.shape)
     fields["train_data"] = _data_digest(x, y)
+    # Which extra augmentation (by type/name; its parameters, e.g. a policy's, are the caller's to pin).
+    fields["extra_augment"] = None if extra_augment is None else getattr(
+        extra_augment, "__qualname__", type(extra_augment).__qualname__
+    )
     return json.loads(json.dumps(fields))  # plain JSON types, comparable after a torch.load
 
 
@@ -297,11 +303,15 @@ def _set_rng_state(state: dict[str, Any], device: torch.device, generator: torch
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @contextlib.contextmanager
 def _private_global_rng(device: torch.device) -> Iterator[None]:
     """Dropout draws from torch's global RNG: fork it so training neither depends on nor disturbs
     the caller's random state (it is seeded from the config or restored from the checkpoint)."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = [_cuda_index(device)] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         yield
 
@@ -379,7 +389,7 @@ def train_classifier(
         optimizer, lambda step: warmup_cosine_factor(step, total_steps, warmup_steps, min_ratio)
     )
     generator = make_generator(cfg.seed, device)
-    fingerprint = _fingerprint(cfg, model, x_train, y_train)
+    fingerprint = _fingerprint(cfg, model, x_train, y_train, extra_augment)
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
     net: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
 
@@ -387,7 +397,9 @@ def train_classifier(
         history: list[dict[str, Any]] = []
         start_epoch = 1
         # Dropout's global stream: a seed distinct from the data-order generator's.
-        torch.manual_seed(cfg.seed + 1)
+        torch.default_generator.manual_seed(cfg.seed + 1)
+        if device.type == "cuda":
+            torch.cuda.default_generators[_cuda_index(device)].manual_seed(cfg.seed + 1)
         if ckpt_path is not None and ckpt_path.exists():
             ckpt = _load_checkpoint(ckpt_path, fingerprint, device)
             model.load_state_dict(ckpt["model"])
@@ -463,6 +475,7 @@ def _train_epoch(
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     step_losses = torch.empty(steps, dtype=torch.float32, device=device)
     wrong = torch.zeros((), dtype=torch.int64, device=device)
+    lr_used = optimizer.param_groups[0]["lr"]
     t0 = time.perf_counter()
     order = torch.randperm(x.shape[0], device=device, generator=generator)
     for step in range(steps):
@@ -480,6 +493,7 @@ def _train_epoch(
         loss.backward()
         if cfg.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip_norm)
+        lr_used = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         step_losses[step] = loss.detach()
@@ -500,7 +514,7 @@ def _train_epoch(
         "train_error": float(wrong) / images,
         "val_loss": None,
         "val_error": None,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr_used,
         "images_per_s": images / seconds if seconds > 0 else float("inf"),
         "seconds": seconds,
     }

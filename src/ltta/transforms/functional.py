@@ -105,7 +105,7 @@ def affine_pixels(
     +0.5 (exactly what ``PIL.Image.transform(..., AFFINE, (a,b,c,d,e,f))`` does). It is turned
     into the normalised ``theta`` of ``affine_grid`` (align_corners=False), so grid_sample's
     nearest mode reads the same pixel as PIL's NEAREST filter (PIL floors the source coordinate,
-    grid_sample rounds coordinate - 0.5: the same pixel except on exact ties).
+    grid_sample rounds coordinate - 0.5; a 1e-4 pixel nudge settles exact ties PIL's way).
 
     Outside the image: ``padding_mode`` ``zeros`` paints ``fill`` (scalar or one value per
     channel), ``reflection`` mirrors about the border (numpy ``symmetric``), ``border`` repeats it.
@@ -118,6 +118,10 @@ def affine_pixels(
     n, c, h, w = x.shape
     dev = x.device
     m = matrix.to(device=dev, dtype=torch.float32)
+    if mode == "nearest":
+        # PIL floors the source coordinate; grid_sample rounds (coordinate - 0.5) half-to-even.
+        # A tiny nudge makes exact ties (e.g. shear 0.2 every fifth column) go PIL's way.
+        m = m + torch.tensor([[0.0, 0.0, 1e-4], [0.0, 0.0, 1e-4]], device=dev)
     # normalised -> pixel (N_inv) and pixel -> normalised (N), align_corners=False.
     to_pix = torch.tensor([[w / 2, 0.0, w / 2], [0.0, h / 2, h / 2], [0.0, 0.0, 1.0]], device=dev)
     to_norm = torch.tensor([[2 / w, 0.0, -1.0], [0.0, 2 / h, -1.0], [0.0, 0.0, 1.0]], device=dev)

@@ -1,0 +1,111 @@
+"""Shared fixtures: real MLflow and Prefect servers on 127.0.0.1 (once per session), tiny params."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests skip cleanly without CUDA, whatever -m selects."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (SQLite store) on 127.0.0.1, stopped at the end of the session."""
+    base = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}", "--artifacts-destination", str(base / "artifacts")],
+        stdout=open(base / "server.log", "w"), stderr=subprocess.STDOUT, cwd=base,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start:\n" + (base / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """Prefect's test harness: a real Prefect API server on 127.0.0.1 with a temporary database."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_params(**overrides: dict) -> dict:
+    """The committed params shrunk to seconds: few images, epochs, trials, corruptions."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["device"] = "cpu"
+    raw["data"].update(max_train=300, max_test=100)
+    raw["corruptions"].update(names=["gaussian_noise", "defocus_blur", "fog", "contrast", "jpeg_compression", "speckle_noise"])
+    raw["train_target"].update(epochs=2, batch_size=64)
+    raw["loss_dataset"].update(duplication=1, corruptions=["gaussian_noise", "defocus_blur"], candidates="all")
+    raw["train_predictor"].update(epochs=2, batch_size=64, width=8)
+    raw["search_policy"].update(folds=2, trials=3, top_n=2, max_images=200, epochs=1)
+    raw["evaluate"].update(severities=[1, 5], batch_size=256)
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    return raw
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    """A DVC project in ``dest`` running the installed ltta: dvc.yaml, the code deps it names, params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=dest, check=True)
+    subprocess.run([str(dvc), "config", "core.analytics", "false"], cwd=dest, check=True)
+    return dest

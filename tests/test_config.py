@@ -1,0 +1,89 @@
+"""params.yaml: one schema, every error names the key; the committed file equals conf/'s composition."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ltta.cli import main
+from ltta.compose import compose_params
+from ltta.config import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_committed_params_are_valid_and_match_conf() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params == compose_params(ROOT / "conf", [])
+    assert params.profile == "digits" and params.data.source == "digits"
+
+
+@pytest.mark.parametrize("profile, source, arch", [("cifar10", "cifar10", "wrn_40_2"), ("cifar100", "cifar100", "wrn_40_2")])
+def test_profiles_are_one_switch_away(profile: str, source: str, arch: str) -> None:
+    params = compose_params(ROOT / "conf", [f"profile={profile}"])
+    assert (params.profile, params.data.source, params.train_target.arch) == (profile, source, arch)
+    assert params.train_target.epochs == 200
+
+
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda r: r["train_target"].__setitem__("epochs", -1), "train_target.epochs"),
+        (lambda r: r["train_target"].__setitem__("epochz", 3), "train_target.epochz"),
+        (lambda r: r.__setitem__("extra_section", {}), "extra_section"),
+        (lambda r: r["train_target"].__setitem__("lr", "fast"), "train_target.lr"),
+        (lambda r: r["data"].__setitem__("source", "imagenet"), "data.source"),
+        (lambda r: r["corruptions"].__setitem__("names", ["gaussian_noise", "rain"]), "corruptions.names"),
+        (lambda r: r["evaluate"].__setitem__("baseline", "flip_x"), "evaluate"),
+        (lambda r: r["data"].__setitem__("valid_loss_fraction", 1.5), "data.valid_loss_fraction"),
+    ],
+)
+def test_bad_values_name_the_key(raw: dict, mutate, key: str) -> None:
+    mutate(raw)
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert key in str(err.value)
+
+
+def test_npz_source_needs_a_path(raw: dict) -> None:
+    raw["data"]["source"] = "npz"
+    with pytest.raises(ParamsError, match="data.path"):
+        parse_params(raw)
+
+
+def test_cli_rejects_bad_params_before_writing_anything(tmp_path: Path, raw: dict, monkeypatch, capsys) -> None:
+    raw["train_target"]["epochs"] = -1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare-data"]) == 2
+    assert "train_target.epochs" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_cli_missing_params_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-target"]) == 2
+    assert "params.yaml not found" in capsys.readouterr().err
+
+
+def test_ltta_params_writes_a_profile(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    assert main(["params", "profile=cifar100", "train_target.epochs=3", "--conf", str(ROOT / "conf"), "--out", str(out)]) == 0
+    p = load_params(out)
+    assert (p.profile, p.train_target.epochs) == ("cifar100", 3)
+    assert main(["params", "--check", "--conf", str(ROOT / "conf"), "--out", str(out)]) == 1
+
+
+@pytest.mark.parametrize("command", ["prepare-data", "train-target", "build-loss-dataset", "train-predictor", "search-policy", "evaluate", "params"])
+def test_every_command_has_help(command: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ltta.cli", command, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: ltta" in proc.stdout
