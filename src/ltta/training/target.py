@@ -74,7 +74,7 @@ class TrainConfig:
     grad_clip_norm: float | None = None  # clip the global gradient norm (FAA's conf: 5), None: off
     augment: str = "standard"  # a name in TRAIN_AUGMENTATIONS
     amp: bool = True  # bf16 autocast; only takes effect on CUDA
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC weights and batches; only takes effect on CUDA (slower on CPU)
     compile: bool = False  # torch.compile the forward/backward
     seed: int = 0  # data order, augmentation draws and dropout
     eval_batch_size: int = 1024
@@ -263,8 +263,9 @@ def _load_checkpoint(path: Path, expected: dict[str, Any], device: torch.device)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file
+        reason = (str(exc).splitlines() or [""])[0][:160]
         raise CheckpointMismatchError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete it to train from scratch."
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {reason}); delete it to train from scratch."
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointMismatchError(
@@ -375,7 +376,8 @@ def train_classifier(
     y_train = y_train.long()
     y_val = y_val.long() if y_val is not None else None
 
-    if cfg.channels_last:
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -422,7 +424,7 @@ def train_classifier(
             for epoch in bar:
                 record = _train_epoch(
                     net, optimizer, scheduler, x_train, y_train, cfg, epoch, steps_per_epoch, batch_size,
-                    generator, augment, extra_augment,
+                    generator, augment, extra_augment, channels_last,
                 )  # fmt: skip
                 if x_val is not None and y_val is not None:
                     val = evaluate_classifier(model, x_val, y_val, cfg.eval_batch_size, cfg.amp)
@@ -468,11 +470,12 @@ def _train_epoch(
     generator: torch.Generator,
     augment: Augment,
     extra_augment: Augment | None,
+    channels_last: bool,
 ) -> dict[str, Any]:
     """One pass; per-step losses stay on the device and are read once at the end (no per-step sync)."""
     device = x.device
     net.train()
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     step_losses = torch.empty(steps, dtype=torch.float32, device=device)
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     lr_used = optimizer.param_groups[0]["lr"]

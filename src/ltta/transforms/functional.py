@@ -17,6 +17,7 @@ solarize's threshold test) work on the 256 levels ``round(255 * x)`` exactly as 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -46,7 +47,9 @@ def _check_images(x: torch.Tensor) -> None:
 def per_sample(v: Magnitude, x: torch.Tensor) -> torch.Tensor:
     """A magnitude as a float32 tensor [N] on ``x``'s device (a scalar is broadcast to every image)."""
     n = x.shape[0]
-    t = torch.as_tensor(v, dtype=torch.float32, device=x.device)
+    if not isinstance(v, torch.Tensor):  # a fill kernel, not a host-to-device copy
+        return torch.full((n,), float(v), dtype=torch.float32, device=x.device)
+    t = v.to(device=x.device, dtype=torch.float32)
     if t.dim() == 0:
         return t.expand(n)
     if t.shape != (n,):
@@ -80,14 +83,24 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: Magnitude) -> torc
     return (degenerate + f * (x - degenerate)).clamp(0.0, 1.0)
 
 
+def _fill_values(fill: float | Sequence[float], channels: int) -> tuple[float, ...]:
+    """A fill colour as one float per channel: a scalar is grey on every channel."""
+    values = (float(fill),) if isinstance(fill, (int, float)) else tuple(float(v) for v in fill)
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ValueError(f"fill has {len(values)} values but the images have {channels} channels")
+    return values
+
+
+@functools.lru_cache(maxsize=64)
+def _fill_cached(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+
+
 def _fill_tensor(fill: float | Sequence[float], x: torch.Tensor) -> torch.Tensor:
-    """A fill colour as [1,C,1,1]: a scalar is grey on every channel."""
-    t = torch.as_tensor(fill, dtype=x.dtype, device=x.device).flatten()
-    if t.numel() == 1:
-        t = t.expand(x.shape[1])
-    if t.numel() != x.shape[1]:
-        raise ValueError(f"fill has {t.numel()} values but the images have {x.shape[1]} channels")
-    return t.view(1, -1, 1, 1)
+    """The fill colour as [1,C,1,1] on ``x``'s device (cached: no copy to the GPU per call)."""
+    return _fill_cached(_fill_values(fill, x.shape[1]), x.device, x.dtype)
 
 
 def affine_pixels(
@@ -116,29 +129,33 @@ def affine_pixels(
     if padding_mode not in _PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
     n, c, h, w = x.shape
-    dev = x.device
-    m = matrix.to(device=dev, dtype=torch.float32)
+    m = matrix.to(device=x.device, dtype=torch.float32)
+    a, b, cc = m[:, 0, 0], m[:, 0, 1], m[:, 0, 2]
+    d, e, ff = m[:, 1, 0], m[:, 1, 1], m[:, 1, 2]
     if mode == "nearest":
         # PIL floors the source coordinate; grid_sample rounds (coordinate - 0.5) half-to-even.
         # A tiny nudge makes exact ties (e.g. shear 0.2 every fifth column) go PIL's way.
-        m = m + torch.tensor([[0.0, 0.0, 1e-4], [0.0, 0.0, 1e-4]], device=dev)
-    # normalised -> pixel (N_inv) and pixel -> normalised (N), align_corners=False.
-    to_pix = torch.tensor([[w / 2, 0.0, w / 2], [0.0, h / 2, h / 2], [0.0, 0.0, 1.0]], device=dev)
-    to_norm = torch.tensor([[2 / w, 0.0, -1.0], [0.0, 2 / h, -1.0], [0.0, 0.0, 1.0]], device=dev)
-    bottom = torch.tensor([0.0, 0.0, 1.0], device=dev).expand(n, 1, 3)
-    m3 = torch.cat([m, bottom], dim=1)
-    theta = (to_norm @ m3 @ to_pix)[:, :2, :]
+        cc, ff = cc + 1e-4, ff + 1e-4
+    # theta = N M N^-1 with N: pixel -> normalised coordinates (align_corners=False), written out
+    # elementwise so that no small matrix is copied to the device per call.
+    theta = torch.stack(
+        [
+            torch.stack([a, b * (h / w), a + b * (h / w) + cc * (2.0 / w) - 1.0], -1),
+            torch.stack([d * (w / h), e, d * (w / h) + e + ff * (2.0 / h) - 1.0], -1),
+        ],
+        1,
+    )
     work_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     grid = F.affine_grid(theta.to(work_dtype), [n, c, h, w], align_corners=False)
-    fill_t = _fill_tensor(fill, x)
-    use_mask = padding_mode == "zeros" and bool((fill_t != 0).any())
+    fill_values = _fill_values(fill, c)
+    use_mask = padding_mode == "zeros" and any(v != 0.0 for v in fill_values)
     src = x.to(work_dtype)
     if use_mask:
         src = torch.cat([src, torch.ones_like(src[:, :1])], dim=1)
     out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
     if use_mask:
         inside = out[:, -1:].clamp(0.0, 1.0)
-        out = out[:, :-1] + fill_t.to(work_dtype) * (1.0 - inside)
+        out = out[:, :-1] + _fill_cached(fill_values, x.device, work_dtype) * (1.0 - inside)
     if mode == "bicubic":  # cubic overshoots; PIL clips to the 8-bit range
         out = out.clamp(0.0, 1.0)
     return out.to(x.dtype)
@@ -324,9 +341,9 @@ def zoom(
     """
     _check_images(x)
     h, w = x.shape[-2:]
-    s = per_sample(scale, x)
-    if bool((s <= 0).any()):
-        raise ValueError("zoom scale must be positive")
+    if not isinstance(scale, torch.Tensor) and scale <= 0:
+        raise ValueError(f"zoom scale must be positive, got {scale}")
+    s = per_sample(scale, x)  # per-image scales must be positive (not checked: no GPU sync)
     inv = 1.0 / s
     zero = torch.zeros_like(s)
     cx, cy = w / 2.0, h / 2.0
@@ -396,9 +413,10 @@ def posterize(x: torch.Tensor, bits: Magnitude) -> torch.Tensor:
 
     A fractional ``bits`` is truncated, as FAA's Posterize does with ``int(v)``.
     """
-    b = per_sample(bits, x).floor()
-    if bool(((b < 1) | (b > 8)).any()):
-        raise ValueError("posterize bits must lie in [1, 8]")
+    if not isinstance(bits, torch.Tensor) and not 1 <= bits <= 8:
+        raise ValueError(f"posterize bits must lie in [1, 8], got {bits}")
+    # Per-image bits are clamped rather than checked: a check would stall the GPU on every call.
+    b = per_sample(bits, x).floor().clamp(1.0, 8.0)
     q = torch.pow(2.0, 8.0 - b).to(torch.long).view(-1, 1, 1, 1)
     lv = _levels(x)
     return ((lv // q) * q).to(x.dtype) / 255.0

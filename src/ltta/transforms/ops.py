@@ -147,11 +147,19 @@ def apply_op(
     ``generator`` (on ``x``'s device).
     """
     op = FAA_OPS.get(name)
-    lv = F.per_sample(level, x)
-    if bool(((lv < 0) | (lv > 1)).any()):
-        raise ValueError(f"{name}: level must lie in [0, 1], got values in [{lv.min():.3g}, {lv.max():.3g}]")
-    v = lv * (op.hi - op.lo) + op.lo
-    if op.random_sign:
+    if isinstance(level, torch.Tensor):
+        bad = bool(((level < 0) | (level > 1)).any())
+    else:
+        bad = not 0.0 <= float(level) <= 1.0
+    if bad:
+        raise ValueError(f"{name}: level must lie in [0, 1], got {level}")
+    return run_op(x, op, F.per_sample(level, x), generator)
+
+
+def run_op(x: torch.Tensor, op: OpDef, level: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """:func:`apply_op` for levels [N] already known to lie in [0, 1]: no check, so no GPU sync."""
+    v = level * (op.hi - op.lo) + op.lo
+    if op.random_sign:  # reference: ``if random_mirror and random.random() > 0.5: v = -v``
         flip = torch.rand(x.shape[0], device=x.device, generator=generator) > 0.5
         v = torch.where(flip, -v, v)
     return op.fn(x, v, generator)

@@ -1,1 +1,54 @@
+"""Test-time augmentation: candidate transforms, the loss predictor's data and ranking losses, TTA methods.
 
+- :mod:`~ltta.tta.candidates`: the public code's 12 actions x {no flip, flip}, ``build_candidates``
+- :mod:`~ltta.tta.loss_dataset`: the predictor's deformed inputs and per-candidate target losses
+- :mod:`~ltta.tta.ranking`: soft ranks, Spearman loss, the SoDeep-style rank MSE
+- :mod:`~ltta.tta.scoring`: running the predictor, the flip ensemble of its scores
+- :mod:`~ltta.tta.methods`: ``TTA_METHODS`` and ``build_method`` (none, flip, crops, random,
+  policy, learned, oracle)
+"""
+
+from ltta.tta.candidates import (
+    ACTIONS,
+    PAPER_ACTIONS,
+    Action,
+    ActionFamily,
+    Candidate,
+    apply_candidate,
+    build_candidates,
+    identity_index,
+    mirror_permutation,
+    parse_candidate,
+)
+from ltta.tta.loss_dataset import candidate_losses, copies_per_image, predictor_training_inputs
+from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod, build_method, flops_per_image
+from ltta.tta.ranking import exact_rank, soft_rank, sodeep_style_rank_mse, spearman_loss, spearman_rho
+from ltta.tta.scoring import flip_ensemble_probs, predictor_scores
+
+__all__ = [
+    "ACTIONS",
+    "PAPER_ACTIONS",
+    "TTA_METHODS",
+    "Action",
+    "ActionFamily",
+    "Candidate",
+    "MethodContext",
+    "TTAMethod",
+    "apply_candidate",
+    "build_candidates",
+    "build_method",
+    "candidate_losses",
+    "copies_per_image",
+    "exact_rank",
+    "flip_ensemble_probs",
+    "flops_per_image",
+    "identity_index",
+    "mirror_permutation",
+    "parse_candidate",
+    "predictor_scores",
+    "predictor_training_inputs",
+    "soft_rank",
+    "sodeep_style_rank_mse",
+    "spearman_loss",
+    "spearman_rho",
+]

@@ -1,0 +1,72 @@
+"""Apply a registered corruption to uint8 images the way the reference generator stores them."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from ltta.corruptions.base import CORRUPTIONS, check_images
+from ltta.corruptions.severity import IMSIZE, check_severity
+from ltta.runtime import make_generator, to_float_nchw
+
+
+def corrupt(x: torch.Tensor, name: str, severity: int, generator: torch.Generator) -> torch.Tensor:
+    """Float in, float out: the registered corruption ``name`` at ``severity`` on a batch [N,3,H,W]."""
+    check_images(x)
+    fn = CORRUPTIONS.get(name)
+    return fn(x, check_severity(severity), generator)
+
+
+def truncate_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """The reference's ``np.uint8(np.clip(x, 0, 1) * 255)``: truncation, not rounding. [N,3,H,W]
+    float -> uint8 [N,H,W,3] on the same device."""
+    return torch.floor(x.clamp(0, 1) * 255.0).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def derive_seed(seed: int, name: str, severity: int) -> int:
+    """A 63-bit seed for one (corruption, severity) cell, independent of which cells are requested."""
+    digest = hashlib.sha256(f"ltta-corruption:{int(seed)}:{name}:{int(severity)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def corrupt_images(
+    images_uint8_nhwc: np.ndarray | torch.Tensor,
+    name: str,
+    severity: int,
+    *,
+    seed: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 10000,
+) -> np.ndarray:
+    """Corrupt uint8 images [N,32,32,3] and return uint8 [N,32,32,3] (truncated as the reference).
+
+    Batches of ``batch_size`` are processed on ``device`` with one generator seeded by ``seed``;
+    the output is a deterministic function of (images, name, severity, seed, batch_size, device
+    type): CPU and CUDA generators produce different streams.
+    """
+    if name not in CORRUPTIONS:
+        CORRUPTIONS.get(name)  # raises, listing the known names
+    check_severity(severity)
+    arr = images_uint8_nhwc
+    if arr.dtype not in (np.uint8, torch.uint8):
+        raise ValueError(f"corrupt_images expects uint8 images [N,H,W,3], got dtype {arr.dtype}")
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != (IMSIZE, IMSIZE, 3):
+        raise ValueError(
+            f"corrupt_images expects uint8 images [N,{IMSIZE},{IMSIZE},3] (the severity tables are the "
+            f"CIFAR 32x32 ones), got shape {tuple(arr.shape)}; resize the images to 32x32 first"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = torch.device(device)
+    gen = make_generator(seed, dev)
+    out = np.empty(tuple(arr.shape), dtype=np.uint8)
+    for start in range(0, arr.shape[0], batch_size):
+        chunk = arr[start : start + batch_size]
+        if isinstance(chunk, np.ndarray):
+            chunk = np.array(chunk)  # a writable copy (the input may be a read-only memory map)
+        x = to_float_nchw(chunk, dev)
+        y = corrupt(x, name, severity, gen)
+        out[start : start + batch_size] = truncate_to_uint8(y).cpu().numpy()
+    return out

@@ -1,0 +1,250 @@
+"""The results as the paper shows them: a Markdown table per report, PNG plots, DVC plot rows.
+
+Everything here reads an :class:`EvalResults` only, never a model, so a report can be re-rendered
+from saved records. Figures are built with matplotlib's object API (``Figure``, Agg canvas): no
+pyplot global state, no display needed, and each PNG is written under a temporary name then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ltta.evaluation.runner import EvalResults
+from ltta.io import atomic_path
+
+MISSING = "n/a"
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return MISSING if value is None else format(value, fmt)
+
+
+def _escape(text: Any) -> str:
+    """A Markdown table cell: pipes escaped and newlines flattened, so they cannot break the row."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align_first_left: bool = True) -> list[str]:
+    sep = [":---" if (i == 0 and align_first_left) else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(_escape(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _severity_text(severities: Sequence[int]) -> str:
+    if not severities:
+        return "none"
+    s = list(severities)
+    if s == list(range(s[0], s[-1] + 1)) and len(s) > 1:
+        return f"{s[0]}-{s[-1]}"
+    return ", ".join(str(v) for v in s)
+
+
+def _groups(
+    results: EvalResults, benchmark: Sequence[str] | None, extra: Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    default_b, default_e = results.default_groups()
+    return list(default_b if benchmark is None else benchmark), list(default_e if extra is None else extra)
+
+
+def _ordered_corruptions(results: EvalResults, benchmark: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """Benchmark first, then extras, then anything else evaluated, each group in its given order."""
+    present = results.corruptions()
+    head = [c for c in list(benchmark) + list(extra) if c in present]
+    return head + [c for c in present if c not in head]
+
+
+def results_markdown(
+    results: EvalResults,
+    *,
+    title: str,
+    meta: Mapping[str, Any],
+    benchmark: Sequence[str] | None = None,
+    extra: Sequence[str] | None = None,
+    baseline_method: str | None = None,
+) -> str:
+    """The paper's table (methods as rows), then error per corruption, under a header of ``meta``.
+
+    ``meta`` is rendered in its own order (dataset, target arch, training mode, test images, device,
+    date, git commit: whatever the stage passes). Errors and ECE are percentages, NLL in nats.
+    """
+    benchmark, extra = _groups(results, benchmark, extra)
+    summary = results.summary(benchmark, extra, baseline_method)
+    sev = _severity_text(results.severities())
+    lines = [f"# {title}", ""]
+    lines += [f"- **{_escape(k)}**: {_escape(v)}" for k, v in meta.items()]
+    lines += [
+        "",
+        f"Top-1 error in %. Corruption error: unnormalised mean over the {len(benchmark)} benchmark corruptions "
+        f"and severities {sev} (as AugMix reports it); extras: mean over the {len(extra)} held-out corruptions. "
+        + (
+            f"mCE: Hendrycks & Dietterich's corruption error relative to `{baseline_method}` (100 = baseline). "
+            if baseline_method
+            else ""
+        )
+        + "NLL in nats, ECE in % (15 equal-width bins); corrupted NLL/ECE averaged like the error. "
+        "Images/s: wall clock over all sets, including synchronisation.",
+        "",
+        "## Summary",
+        "",
+    ]
+    header = [
+        "Method",
+        "Clean err.",
+        f"Corr. err. ({len(benchmark)})",
+        f"Extra err. ({len(extra)})",
+        f"mCE vs {baseline_method}" if baseline_method else "mCE",
+        "Clean NLL",
+        "Corr. NLL",
+        "Clean ECE",
+        "Corr. ECE",
+        "Fwd passes/img",
+        "Images/s",
+    ]
+    rows = []
+    for m, s in summary.items():
+        rows.append(
+            [
+                m,
+                _cell(s["clean_error"], ".2f"),
+                _cell(s["mean_corruption_error"], ".2f"),
+                _cell(s["extra_error"], ".2f"),
+                _cell(s["mce_vs_baseline"], ".1f"),
+                _cell(s["clean_nll"], ".3f"),
+                _cell(s["corruption_nll"], ".3f"),
+                _cell(s["clean_ece"], ".2f"),
+                _cell(s["corruption_ece"], ".2f"),
+                _cell(s["forward_passes"], "g"),
+                _cell(s["images_per_s"], ".0f"),
+            ]
+        )
+    lines += _table(header, rows)
+    corruptions = _ordered_corruptions(results, benchmark, extra)
+    if corruptions:
+        lines += ["", f"## Error per corruption (mean over severities {sev}, %)", ""]
+        per_rows = []
+        for m in results.methods():
+            table = results.table(m)
+            per_rows.append(
+                [m]
+                + [
+                    _cell(sum(table[c].values()) / len(table[c]) if table.get(c) else None, ".2f")
+                    for c in corruptions
+                ]
+            )
+        lines += _table(["Method", *corruptions], per_rows)
+    return "\n".join(lines) + "\n"
+
+
+def severity_plot_rows(results: EvalResults, benchmark: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Rows ``{method, severity, error}`` for ``dvc plots``: severity 0 is clean, others the mean
+    error over the benchmark corruptions at that severity (default: the evaluated ones of the 15)."""
+    benchmark, _ = _groups(results, benchmark, None)
+    rows = []
+    for m in results.methods():
+        for s, err in sorted(results.severity_means(m, benchmark).items()):
+            rows.append({"method": m, "severity": s, "error": round(err, 4)})
+    return rows
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def _severity_figure(results: EvalResults, benchmark: Sequence[str]) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for m in results.methods():
+        means = results.severity_means(m, benchmark)
+        xs = sorted(means)
+        ax.plot(xs, [means[s] for s in xs], marker="o", label=m)
+    ax.set_xlabel("severity (0 = clean)")
+    ax.set_ylabel(f"top-1 error (%), mean over {len(benchmark)} corruptions")
+    ax.set_title("Error by corruption severity")
+    ax.set_xticks(sorted({0, *results.severities()}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _heatmap_figure(results: EvalResults, corruptions: Sequence[str]) -> Any:
+    from matplotlib.figure import Figure
+
+    methods = results.methods()
+    tables = {m: results.table(m) for m in methods}
+    data = [
+        [sum(tables[m][c].values()) / len(tables[m][c]) if tables[m].get(c) else float("nan") for m in methods]
+        for c in corruptions
+    ]
+    fig = Figure(figsize=(1.1 * len(methods) + 3.0, 0.38 * len(corruptions) + 1.6))
+    ax = fig.add_subplot()
+    image = ax.imshow(data, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    ax.set_yticks(range(len(corruptions)), corruptions)
+    finite = [v for row in data for v in row if v == v]
+    mid = (min(finite) + max(finite)) / 2 if finite else 0.0
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            if v == v:  # not NaN
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < mid else "black")
+    fig.colorbar(image, ax=ax, label="top-1 error (%), mean over severities")
+    ax.set_title("Error per corruption and TTA method")
+    return fig
+
+
+def _cost_figure(results: EvalResults, benchmark: Sequence[str], extra: Sequence[str]) -> Any:
+    from matplotlib.figure import Figure
+
+    summary = results.summary(benchmark, extra)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    series: list[tuple[str, str, str]] = [("clean_error", "clean", "o"), ("mean_corruption_error", "corrupted", "s")]
+    for key, label, marker in series:
+        pts = [(s["forward_passes"], 100.0 - s[key], m) for m, s in summary.items() if s[key] is not None]
+        pts = [p for p in pts if p[0] and p[0] > 0]
+        if not pts:
+            continue
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+        for x, y, m in pts:
+            ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    costs = sorted({s["forward_passes"] for s in summary.values() if s["forward_passes"] and s["forward_passes"] > 0})
+    ax.set_xticks(costs, [format(c, "g") for c in costs])
+    ax.minorticks_off()
+    ax.set_xlabel("forward passes per image (log)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("Accuracy against test-time cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def write_plots(
+    results: EvalResults,
+    out_dir: str | os.PathLike[str],
+    *,
+    benchmark: Sequence[str] | None = None,
+    extra: Sequence[str] | None = None,
+) -> list[Path]:
+    """Write the PNGs (error by severity, corruption x method heatmap, accuracy vs cost); return their paths.
+
+    The heatmap is left out when no corrupted set was evaluated.
+    """
+    benchmark, extra = _groups(results, benchmark, extra)
+    out = Path(out_dir)
+    corruptions = _ordered_corruptions(results, benchmark, extra)
+    figures: list[tuple[str, Callable[[], Any]]] = [
+        ("error_by_severity.png", lambda: _severity_figure(results, benchmark)),
+        ("accuracy_vs_cost.png", lambda: _cost_figure(results, benchmark, extra)),
+    ]
+    if corruptions:
+        figures.insert(1, ("corruption_heatmap.png", lambda: _heatmap_figure(results, corruptions)))
+    return [_save(make(), out / name) for name, make in figures]
+

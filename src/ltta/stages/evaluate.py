@@ -1,0 +1,119 @@
+"""Stage evaluate: every TTA method on the clean test set and each corruption x severity.
+
+Outputs: ``metrics/eval.json`` (DVC metrics), ``reports/results.md`` (the paper's table layout),
+``reports/figures/*.png`` and ``plots/eval_severity.csv`` (error by severity per method, wide:
+one column per method, for ``dvc plots``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ltta import tracking
+from ltta.config import Params
+from ltta.corruptions import read_corruption
+from ltta.data import subsample_stratified
+from ltta.evaluation import CLEAN, EvalSet, evaluate_methods, results_markdown, severity_plot_rows, write_plots
+from ltta.io import atomic_dir, atomic_path, load_npz, write_json, write_text
+from ltta.model_io import load_model_file
+from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw
+from ltta.stages.base import Paths, mlflow_stage
+from ltta.transforms.policy import load_policy
+from ltta.tta import build_candidates, build_method
+
+STAGE = "evaluate"
+
+
+def _loader(paths: Paths, name: str, severity: int, idx: Any, device: torch.device) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        x, _ = read_corruption(paths.corrupted, name, severity)
+        return to_float_nchw(x[idx] if idx is not None else x, device)
+
+    return load
+
+
+def eval_sets(paths: Paths, params: Params, device: torch.device) -> list[EvalSet]:
+    """The clean set plus every corruption present in ``data/corrupted/test`` at the chosen severities."""
+    e = params.evaluate
+    test = load_npz(paths.prepared / "test.npz", required=("x", "y"))
+    idx = None
+    if e.max_images is not None and e.max_images < len(test["y"]):
+        idx = subsample_stratified(test["y"], e.max_images, params.seed)
+    x_clean, y_clean = (test["x"][idx], test["y"][idx]) if idx is not None else (test["x"], test["y"])
+    sets = [EvalSet(CLEAN, 0, to_float_nchw(x_clean, device), torch.as_tensor(y_clean, device=device))]
+    labels_path = paths.corrupted / "labels.npy"
+    if not labels_path.exists():
+        raise FileNotFoundError(f"{labels_path} is missing: rerun prepare_data (dvc repro prepare_data)")
+    for name in params.corruptions.names:
+        _, y_c = read_corruption(paths.corrupted, name, 1)
+        cidx = None
+        if e.max_images is not None and e.max_images < len(y_c):
+            cidx = subsample_stratified(y_c, e.max_images, params.seed)
+        y_sel = torch.as_tensor(y_c[cidx] if cidx is not None else y_c, device=device)
+        for s in e.severities:
+            sets.append(EvalSet(name, s, _loader(paths, name, s, cidx, device), y_sel))
+    return sets
+
+
+def write_severity_csv(path: Any, rows: list[dict[str, Any]], methods: list[str]) -> None:
+    """Wide CSV (severity, then one error column per method) so `dvc plots` draws a line per method."""
+    table: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        table.setdefault(int(r["severity"]), {"severity": int(r["severity"])})[r["method"]] = r["error"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["severity", *methods])
+        writer.writeheader()
+        for sev in sorted(table):
+            writer.writerow(table[sev])
+
+
+def run(params: Params, paths: Paths = Paths()) -> None:
+    e = params.evaluate
+    device = resolve_device(params.device)
+    seed_everything(params.seed)
+    target, _ = load_model_file(paths.target, device)
+    predictor, pextra = load_model_file(paths.predictor, device) if "learned" in e.methods else (None, {})
+    candidates = build_candidates(pextra.get("candidates", params.loss_dataset.candidates))
+    policy = load_policy(paths.policy) if "policy" in e.methods else None
+    meta_data = json.loads((paths.prepared / "meta.json").read_text())
+
+    with mlflow_stage(STAGE, params, ("evaluate",)):
+        methods = {
+            name: build_method(
+                name, target, candidates=candidates, k=e.k, predictor=predictor, policy=policy,
+                generator=make_generator(params.seed, device), batch_size=e.batch_size, device=device,
+            )
+            for name in e.methods
+        }
+        results = evaluate_methods(methods, eval_sets(paths, params, device), batch_size=e.batch_size)
+        meta = {
+            "dataset": meta_data["source"],
+            "profile": params.profile,
+            "target": f"{params.train_target.arch} ({params.train_target.mode}, {params.train_target.epochs} epochs)",
+            "test images": meta_data["n_test"] if e.max_images is None else min(e.max_images, meta_data["n_test"]),
+            "candidates": len(candidates),
+            "k": e.k,
+            "device": str(device),
+            "date": _dt.date.today().isoformat(),
+            "git commit": tracking.git_commit()[:12],
+        }
+        write_json(paths.metrics / "eval.json", results.to_json(baseline_method=e.baseline))
+        write_text(
+            paths.reports / "results.md",
+            results_markdown(results, title=f"ltta results: {params.profile}", meta=meta, baseline_method=e.baseline),
+        )
+        with atomic_dir(paths.reports / "figures") as fig_dir:
+            figures = write_plots(results, fig_dir)
+        write_severity_csv(paths.plots / "eval_severity.csv", severity_plot_rows(results), list(e.methods))
+        summary = results.summary(baseline_method=e.baseline)
+        tracking.log_metrics({f"{m}.{k}": v for m, row in summary.items() for k, v in row.items() if v is not None})
+        tracking.log_artifacts(
+            [paths.reports / "results.md", paths.metrics / "eval.json", paths.plots / "eval_severity.csv"]
+            + [paths.reports / "figures" / f.name for f in figures],
+        )

@@ -1,0 +1,332 @@
+"""Test-time augmentation methods, one registry: ``build_method("learned", target, ...)``.
+
+Every method turns images into class probabilities by averaging the target's softmax over its
+views, as kakaobrain/learning-loss-for-tta ``eval_l2t.py`` does (``torch.mean(preds, dim=1)``,
+a plain mean). Views are made in batches on the device; methods that pick views per image
+(``random``, ``learned``, ``oracle``) group images by candidate, so the target runs once per
+distinct candidate per chunk, never once per image.
+
+``forward_passes`` is the cost per image in target forward passes. A loss predictor run counts
+as its FLOPs over the target's (both measured with ``torch.utils.flop_counter.FlopCounterMode``
+on one image), so ``learned`` with k views costs ``k + 2 * ratio`` (the image and its flip).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import ltta.transforms.functional as TF
+from ltta.registry import Registry
+from ltta.runtime import make_generator
+from ltta.training.target import predict_proba
+from ltta.tta.candidates import Candidate, apply_candidate, build_candidates
+from ltta.tta.scoring import eval_mode, flip_ensemble_probs, module_device
+
+
+@dataclass
+class MethodContext:
+    """Everything a method may need; each method reads only its part."""
+
+    target: nn.Module
+    candidates: list[Candidate]
+    k: int = 1
+    predictor: nn.Module | None = None
+    policy: Any = None  # ltta.transforms.policy.Policy (or a list of sub-policies)
+    generator: torch.Generator | None = None
+    batch_size: int = 512
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: bool = True
+    crop_margin: int = 4
+    image_size: int = 32
+
+
+class TTAMethod(ABC):
+    """Base: ``predict(x, y=None) -> probs float32 [N,K]`` on ``x``'s device, in chunks."""
+
+    name = "base"
+    needs_labels = False
+
+    def __init__(self, ctx: MethodContext) -> None:
+        self.ctx = ctx
+        if ctx.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {ctx.batch_size}")
+        if ctx.k < 1:
+            raise ValueError(f"k must be >= 1, got {ctx.k}")
+
+    @property
+    @abstractmethod
+    def forward_passes(self) -> float:
+        """Cost per image in target forward passes."""
+
+    def _probs(self, view: torch.Tensor) -> torch.Tensor:
+        return predict_proba(self.ctx.target, view, batch_size=self.ctx.batch_size, amp=self.ctx.amp)
+
+    def _mean_over_views(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        acc = self._probs(views[0])
+        for v in views[1:]:
+            acc = acc + self._probs(v)
+        return acc / len(views)
+
+    @abstractmethod
+    def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """Probabilities [n,K] for one chunk already on the device."""
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"expected float images [N,3,H,W] in [0,1], got {tuple(x.shape)} {x.dtype}")
+        if self.needs_labels and (y is None or y.shape != (x.shape[0],)):
+            raise ValueError(f"method {self.name!r} needs the labels y [N] (it is an upper bound that looks at them)")
+        chunk = 8 * self.ctx.batch_size  # bounds the memory of the views of one chunk
+        out = []
+        for start in range(0, x.shape[0], chunk):
+            xc = x[start : start + chunk].to(self.ctx.device)
+            yc = None if y is None else y[start : start + chunk].to(self.ctx.device)
+            out.append(self._predict_chunk(xc, yc).float().to(x.device))
+        if not out:
+            raise ValueError("predict got an empty batch (N = 0)")
+        return torch.cat(out)
+
+    # -- per-image choices ---------------------------------------------------------------
+    def _average_selected(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """Mean of the target's softmax over the candidates ``sel`` [N,k] of each image."""
+        n, k = sel.shape
+        c_count = len(self.ctx.candidates)
+        counts = torch.zeros(n, c_count, device=x.device).scatter_add_(1, sel, torch.ones_like(sel, dtype=torch.float32))
+        acc: torch.Tensor | None = None
+        for c in (counts.sum(0) > 0).nonzero().squeeze(1).tolist():  # distinct candidates only
+            idx = (counts[:, c] > 0).nonzero().squeeze(1)
+            probs = self._probs(apply_candidate(x[idx], self.ctx.candidates[c]))
+            if acc is None:
+                acc = torch.zeros(n, probs.shape[1], device=probs.device)
+            acc.index_add_(0, idx, probs * counts[idx, c, None].to(probs.device))
+        assert acc is not None
+        return acc / k
+
+
+def _generator(ctx: MethodContext) -> torch.Generator:
+    gen = ctx.generator if ctx.generator is not None else make_generator(0, ctx.device)
+    if gen.device.type != ctx.device.type:
+        raise ValueError(f"the generator lives on {gen.device} but views are made on {ctx.device}; create it there")
+    return gen
+
+
+#: Method classes by name; each is built from a :class:`MethodContext`.
+TTA_METHODS: Registry[Callable[[MethodContext], TTAMethod]] = Registry("TTA method")
+
+
+@TTA_METHODS.register("none")
+class NoTTA(TTAMethod):
+    """The image as it is (for 32x32 inputs the centre crop is the image itself)."""
+
+    name = "none"
+
+    @property
+    def forward_passes(self) -> float:
+        return 1.0
+
+    def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self._probs(x)
+
+
+@TTA_METHODS.register("flip")
+class FlipTTA(TTAMethod):
+    """Image and its mirror image (eval_l2t.py ``AugmentorHFlip`` with two views)."""
+
+    name = "flip"
+
+    @property
+    def forward_passes(self) -> float:
+        return 2.0
+
+    def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self._mean_over_views([x, TF.hflip(x)])
+
+
+def _crops(x: torch.Tensor, margin: int) -> torch.Tensor:
+    """Five crops [5,N,C,H,W] of the image's size from the centre (H + margin) window of its mirror expansion.
+
+    eval_l2t.py (``multicrop``): the centre crop of the image, and four corner crops of the
+    centred ``target_size + pad`` window of the mirror-expanded image, with pad = 4 where the
+    dataset has no resize margin (ImageNet's is 256 - 224 = 32). For 32x32 images the corners
+    are then shifted by margin / 2 = 2 pixels.
+    """
+    h = x.shape[-1]
+    window = TF.center_crop(TF.mirror_pad(x, (margin + 1) // 2), h + margin)
+    return TF.five_crop(window, h)
+
+
+@TTA_METHODS.register("five_crop")
+class FiveCropTTA(TTAMethod):
+    name = "five_crop"
+
+    @property
+    def forward_passes(self) -> float:
+        return 5.0
+
+    def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self._mean_over_views(list(_crops(x, self.ctx.crop_margin)))
+
+
+@TTA_METHODS.register("ten_crop")
+class TenCropTTA(TTAMethod):
+    name = "ten_crop"
+
+    @property
+    def forward_passes(self) -> float:
+        return 10.0
+
+    def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        crops = list(_crops(x, self.ctx.crop_margin))
+        return self._mean_over_views(crops + [TF.hflip(c) for c in crops])
+
+
+@TTA_METHODS.register("random")
+class RandomTTA(TTAMethod):
+    """k candidates per image drawn uniformly with replacement (eval_l2t.py ``AugmentorRandom``)."""
+
+    name = "random"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self.generator = _generator(ctx)
+
+    @property
+    def forward_passes(self) -> float:
+        return float(self.ctx.k)
+
+    def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        sel = torch.randint(0, len(self.ctx.candidates), (x.shape[0], self.ctx.k), device=x.device, generator=self.generator)
+        return self._average_selected(x, sel)
+
+
+@TTA_METHODS.register("policy")
+class PolicyTTA(TTAMethod):
+    """A static Fast AutoAugment policy: the image plus one view per each of its first k sub-policies."""
+
+    name = "policy"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        if ctx.policy is None:
+            raise ValueError("method 'policy' needs policy= (a searched Fast AutoAugment policy)")
+        subs = getattr(ctx.policy, "subpolicies", ctx.policy)
+        if len(subs) < ctx.k:
+            raise ValueError(f"method 'policy' with k={ctx.k} needs at least k sub-policies, the policy has {len(subs)}")
+        self.subpolicies = list(subs)[: ctx.k]
+        self.generator = _generator(ctx)
+
+    @property
+    def forward_passes(self) -> float:
+        return float(self.ctx.k + 1)
+
+    def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        from ltta.transforms.policy import apply_subpolicy  # the FAA op table loads only for this method
+
+        return self._mean_over_views([x] + [apply_subpolicy(x, sub, self.generator) for sub in self.subpolicies])
+
+
+def flops_per_image(model: nn.Module, image_size: int) -> int:
+    """FLOPs of one forward pass on one ``image_size`` x ``image_size`` RGB image (eval mode)."""
+    x = torch.zeros(1, 3, image_size, image_size, device=module_device(model))
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+@TTA_METHODS.register("learned")
+class LearnedTTA(TTAMethod):
+    """The paper's method: the k candidates with the highest flip-ensembled predictor scores per image.
+
+    eval_l2t.py ``AugmentorLearned`` (without its ``th`` fallback to identity, 0 by default):
+    greedy top-k of the averaged softmax, so k distinct candidates; the target's softmax over
+    the k views is averaged.
+    """
+
+    name = "learned"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        if ctx.predictor is None:
+            raise ValueError("method 'learned' needs predictor= (a trained loss predictor)")
+        if ctx.k > len(ctx.candidates):
+            raise ValueError(f"k={ctx.k} exceeds the {len(ctx.candidates)} candidates")
+        target_flops = flops_per_image(ctx.target, ctx.image_size)
+        self.predictor_cost = flops_per_image(ctx.predictor, ctx.image_size) / max(target_flops, 1)
+
+    @property
+    def forward_passes(self) -> float:
+        return self.ctx.k + 2.0 * self.predictor_cost
+
+    def selection(self, x: torch.Tensor) -> torch.Tensor:
+        """The chosen candidate indices [N,k], best first."""
+        scores = flip_ensemble_probs(self.ctx.predictor, x, self.ctx.candidates, self.ctx.batch_size)
+        return scores.topk(self.ctx.k, dim=1).indices.to(x.device)
+
+    def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self._average_selected(x, self.selection(x))
+
+
+@TTA_METHODS.register("oracle")
+class OracleTTA(TTAMethod):
+    """Upper bound: per image the k candidates with the lowest true loss (needs the labels)."""
+
+    name = "oracle"
+    needs_labels = True
+
+    @property
+    def forward_passes(self) -> float:
+        return float(len(self.ctx.candidates))
+
+    def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        assert y is not None
+        if self.ctx.k > len(self.ctx.candidates):
+            raise ValueError(f"k={self.ctx.k} exceeds the {len(self.ctx.candidates)} candidates")
+        probs = torch.stack([self._probs(apply_candidate(x, c)) for c in self.ctx.candidates], dim=1)  # [N,C,K]
+        yd = y.to(probs.device).long()
+        loss = -torch.log(probs.gather(2, yd[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(2).clamp_min(torch.finfo(torch.float32).tiny))
+        best = loss.topk(self.ctx.k, dim=1, largest=False).indices  # [N,k]
+        return probs.gather(1, best[:, :, None].expand(-1, -1, probs.shape[2])).mean(1)
+
+
+def build_method(
+    name: str,
+    target: nn.Module,
+    *,
+    candidates: Sequence[Candidate] | Sequence[str] | str | None = None,
+    k: int = 1,
+    predictor: nn.Module | None = None,
+    policy: Any = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+    amp: bool = True,
+    crop_margin: int = 4,
+    image_size: int = 32,
+) -> TTAMethod:
+    """Build the TTA method ``name`` around the frozen ``target``.
+
+    ``candidates``: Candidate objects, names, or a preset ("all", "paper"); default "all".
+    ``generator`` (on ``device``) drives ``random`` and ``policy``; default: seed 0 there.
+    ``device``: where views are made; default the target's.
+    """
+    dev = torch.device(device) if device is not None else module_device(target)
+    if candidates is None:
+        cands = build_candidates("all")
+    elif isinstance(candidates, str):
+        cands = build_candidates(candidates)
+    else:
+        items = list(candidates)
+        cands = items if all(isinstance(c, Candidate) for c in items) else build_candidates([str(c) for c in items])
+    ctx = MethodContext(
+        target=target, candidates=cands, k=k, predictor=predictor, policy=policy, generator=generator,
+        batch_size=batch_size, device=dev, amp=amp, crop_margin=crop_margin, image_size=image_size,
+    )
+    return TTA_METHODS.get(name)(ctx)
