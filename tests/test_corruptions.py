@@ -395,3 +395,106 @@ def test_cuda_matches_cpu(name: str, x: torch.Tensor) -> None:
     assert y.device.type == "cuda" and y.shape == x.shape and 0 <= y.min() and y.max() <= 1
     if name not in RANDOM:
         torch.testing.assert_close(y.cpu(), CORRUPTIONS.get(name)(x, 3, _gen()), atol=2e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- against OpenCV / scikit-image
+# These run where opencv-python and scikit-image are installed (not project dependencies): they
+# replay the reference generator's library calls on the same inputs and compare.
+
+
+@pytest.mark.reference
+def test_reference_opencv_steps() -> None:
+    cv2 = pytest.importorskip("cv2")
+    cv_version = tuple(int(p) for p in cv2.__version__.split(".")[:2])
+    rng = np.random.default_rng(1)
+    # warpAffine (elastic's affine step), float32 image, BORDER_REFLECT_101
+    img = rng.uniform(0, 1, (32, 32, 3)).astype(np.float32)
+    pts1 = np.float32([[26, 26], [26, 6], [6, 6]])
+    for _ in range(5):
+        mat = cv2.getAffineTransform(pts1, pts1 + rng.uniform(-2.56, 2.56, (3, 2)).astype(np.float32))
+        ref = cv2.warpAffine(img, mat, (32, 32), borderMode=cv2.BORDER_REFLECT_101)
+        t = torch.from_numpy(img).permute(2, 0, 1)[None]
+        ours = digital.warp_affine_cv(t, torch.from_numpy(mat)[None]).permute(0, 2, 3, 1)[0].numpy()
+        if cv_version < (4, 11):  # the fixed-point remap of OpenCV 3.4 (the reference pins 3.4.2)
+            np.testing.assert_allclose(ours, ref, atol=1e-5)
+        else:
+            # OpenCV 4.11 rewrote warpAffine with float coordinates: check the inverse map and the
+            # borders against it without the 1/32-pixel grid, and that the grid moves values little
+            inv = digital._affine_inverse(torch.from_numpy(mat)[None])[0]
+            gy, gx = torch.meshgrid(torch.arange(32.0, dtype=torch.float64), torch.arange(32.0, dtype=torch.float64), indexing="ij")
+            sx = inv[0, 0] * gx + inv[0, 1] * gy + inv[0, 2]
+            sy = inv[1, 0] * gx + inv[1, 1] * gy + inv[1, 2]
+            exact = _ops.bilinear_sample(t.double(), sy[None], sx[None], "mirror").permute(0, 2, 3, 1)[0].numpy()
+            np.testing.assert_allclose(exact, ref, atol=1e-5)
+            assert np.abs(ours - ref).max() < 0.03
+    # defocus: the disk kernel and filter2D
+    for radius, alias in sev.DEFOCUS_BLUR:
+        grid = np.arange(-8, 9)
+        xx, yy = np.meshgrid(grid, grid)
+        disk = ((xx**2 + yy**2) <= radius**2).astype(np.float32)
+        kernel = cv2.GaussianBlur(disk / disk.sum(), ksize=(3, 3), sigmaX=alias)
+        np.testing.assert_allclose(blur.disk_kernel(radius, alias), kernel, atol=1e-7)
+        chan = IMAGES[0, :, :, 0] / 255.0
+        ref = cv2.filter2D(chan, -1, kernel)
+        ours = _ops.filter2d(torch.from_numpy(chan)[None, None], kernel)[0, 0].numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-6)
+    # spatter's liquid branch, step by step
+    for seed in range(6):
+        layer = ndimage.gaussian_filter(np.random.default_rng(seed).normal(0.65, 0.3, (32, 32)), 1.0, mode="nearest")
+        layer[layer < 0.69] = 0
+        lu8 = (layer * 255).astype(np.uint8)
+        canny = cv2.Canny(lu8, 50, 150)
+        ours_edges = extra.canny(torch.from_numpy(lu8.astype(np.float32))[None, None], 50, 150)[0, 0].numpy()
+        np.testing.assert_array_equal(ours_edges, canny > 0)
+        dist = cv2.distanceTransform(255 - canny, cv2.DIST_L2, 5)
+        ours_dist = extra.distance_transform_l2_5(torch.from_numpy(canny == 0)[None, None])[0, 0].numpy()
+        np.testing.assert_allclose(ours_dist, np.minimum(dist, 8192), atol=1e-4)
+        _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
+        dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
+        dist = cv2.filter2D(dist, cv2.CV_8U, np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], np.float32))
+        m = lu8 * cv2.blur(dist, (3, 3)).astype(np.float32)
+        m = m / m.max() * 0.5
+        ours_m = extra.liquid_mask(torch.from_numpy(layer)[None, None], 0.5)[0, 0].numpy()
+        np.testing.assert_allclose(ours_m, m, atol=1e-6)
+    hist_in = rng.integers(3, 40, (1, 1, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(
+        extra.equalize_hist(torch.from_numpy(hist_in))[0, 0].numpy(), cv2.equalizeHist(hist_in[0, 0].astype(np.uint8))
+    )
+
+
+@pytest.mark.reference
+def test_reference_skimage_steps(x: torch.Tensor) -> None:
+    skimage = pytest.importorskip("skimage")
+    from skimage.filters import gaussian
+
+    rgb = IMAGES / 255.0  # uint8 levels have many ties between channels
+    for name, table in (("brightness", sev.BRIGHTNESS), ("saturate", sev.SATURATE)):
+        for s in (1, 5):
+            hsv = skimage.color.rgb2hsv(rgb)
+            if name == "brightness":
+                hsv[..., 2] = np.clip(hsv[..., 2] + table[s - 1], 0, 1)
+            else:
+                a, b = table[s - 1]
+                hsv[..., 1] = np.clip(hsv[..., 1] * a + b, 0, 1)
+            ref = np.clip(skimage.color.hsv2rgb(hsv), 0, 1)
+            ours = CORRUPTIONS.get(name)(x, s, _gen()).permute(0, 2, 3, 1).double().numpy()
+            np.testing.assert_allclose(ours, ref, atol=2e-6)
+    ours = _ops.gaussian_filter(x.double(), 0.7).permute(0, 2, 3, 1).numpy()
+    for i in range(len(rgb)):  # skimage defaults: mode 'nearest', truncate 4
+        np.testing.assert_allclose(ours[i], gaussian(rgb[i], sigma=0.7, channel_axis=-1), atol=1e-12)
+
+
+@pytest.mark.reference
+def test_reference_frost_files_match_runtime_resize() -> None:
+    """Set LTTA_ROBUSTNESS_CREATE_C to hendrycks/robustness ImageNet-C/create_c to compare the
+    shipped 0.2-scale pictures with cv2.imread + cv2.resize(fx=fy=0.2) of the originals."""
+    import os
+
+    cv2 = pytest.importorskip("cv2")
+    folder = os.environ.get("LTTA_ROBUSTNESS_CREATE_C")
+    if not folder:
+        pytest.skip("LTTA_ROBUSTNESS_CREATE_C not set")
+    originals = ["frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg"]
+    for shipped, name in zip(weather.frost_pictures(), originals):
+        ref = cv2.resize(cv2.imread(str(Path(folder) / name)), (0, 0), fx=0.2, fy=0.2)[..., ::-1]
+        np.testing.assert_array_equal(shipped, ref)

@@ -113,8 +113,10 @@ def frost_pictures() -> tuple[np.ndarray, ...]:
     return tuple(pics)
 
 
+@functools.lru_cache(maxsize=4)
 def _frost_bank(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frost pictures zero-padded into one tensor [5,3,Hmax,Wmax] (levels) and their sizes [5,2]."""
+    """Frost pictures zero-padded into one tensor [5,3,Hmax,Wmax] (levels) and their sizes [5,2],
+    built once per device."""
     pics = frost_pictures()
     hmax = max(p.shape[0] for p in pics)
     wmax = max(p.shape[1] for p in pics)
@@ -128,7 +130,7 @@ def _frost_bank(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def frost_crops(n: int, h: int, w: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """n random h x w crops (levels, [n,3,h,w]): picture ~ randint(5), top ~ randint(0, H - h),
     left ~ randint(0, W - w) (exclusive high, as numpy's randint)."""
-    bank, sizes = _frost_bank(device)
+    bank, sizes = _frost_bank(torch.device(device))
     if h >= int(sizes[:, 0].min()) or w >= int(sizes[:, 1].min()):
         raise ValueError(f"frost needs images smaller than the frost pictures ({sizes.min(0).values.tolist()}), got {h}x{w}")
     idx = torch.randint(0, len(FROST_FILES), (n,), generator=generator, device=device)

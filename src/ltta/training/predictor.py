@@ -53,7 +53,9 @@ class RMSpropTF(torch.optim.Optimizer):
     ``mom = momentum * mom + lr * g / sqrt(ms + eps)``; ``p -= mom``.
     """
 
-    def __init__(self, params: Any, lr: float = 0.01, alpha: float = 0.9, eps: float = 1e-3, momentum: float = 0.9) -> None:
+    def __init__(
+        self, params: Any, lr: float = 0.01, alpha: float = 0.9, eps: float = 1e-3, momentum: float = 0.9
+    ) -> None:
         if lr < 0 or eps < 0 or not 0 <= alpha < 1 or momentum < 0:
             raise ValueError(f"RMSpropTF: bad settings lr={lr} alpha={alpha} eps={eps} momentum={momentum}")
         super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps, "momentum": momentum})
@@ -82,7 +84,9 @@ class RMSpropTF(torch.optim.Optimizer):
 
 OPTIMIZERS: Registry[Callable[[Any, "PredictorConfig"], torch.optim.Optimizer]] = Registry("predictor optimizer")
 # train.py: RMSpropTF(alpha=0.9, momentum=0.9, eps=0.001); Adam(amsgrad=True); SGD(nesterov=True).
-OPTIMIZERS.add("rmsprop_tf", lambda params, cfg: RMSpropTF(params, lr=cfg.lr, alpha=0.9, eps=1e-3, momentum=cfg.momentum))
+OPTIMIZERS.add(
+    "rmsprop_tf", lambda params, cfg: RMSpropTF(params, lr=cfg.lr, alpha=0.9, eps=1e-3, momentum=cfg.momentum)
+)
 OPTIMIZERS.add("adam", lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, amsgrad=True))
 OPTIMIZERS.add("sgd", lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True))
 
@@ -99,7 +103,8 @@ def _spearman_objective(logits: torch.Tensor, losses: torch.Tensor, cfg: Predict
     return spearman_loss(logits, -losses, cfg.rank_temperature)
 
 
-OBJECTIVES: Registry[Callable[[torch.Tensor, torch.Tensor, "PredictorConfig"], torch.Tensor]] = Registry("predictor objective")
+Objective = Callable[[torch.Tensor, torch.Tensor, "PredictorConfig"], torch.Tensor]  # (logits, losses, cfg) -> loss
+OBJECTIVES: Registry[Objective] = Registry("predictor objective")
 OBJECTIVES.add("sodeep_style", _sodeep_objective)
 OBJECTIVES.add("spearman", _spearman_objective)
 
@@ -114,7 +119,7 @@ class PredictorConfig:
     weight_decay: float = 1e-5  # coefficient of sum ||p||_2 over non-norm-layer parameters
     ema_decay: float = 0.999  # EMA of weights and buffers, with the (1+t)/(10+t) warm-up
     tau: float = 1.0  # softmin temperature of the target (sodeep_style objective)
-    rank_temperature: float = 0.01  # soft-rank temperature, on the scale of the ranked scores
+    rank_temperature: float = 0.01  # soft-rank temperature: ~0.01 on softmax (sodeep_style), ~0.1-1 on logits
     objective: str = "sodeep_style"  # or "spearman" (1 - rho on soft ranks of the raw outputs)
     t_easy: float = 0.05  # sodeep_style: squared rank errors up to this are masked (sodeep.py)
     optimizer: str = "rmsprop_tf"  # or "adam", "sgd"
@@ -139,8 +144,12 @@ class PredictorConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"PredictorConfig: {msg}")
-        OBJECTIVES.get(self.objective)
-        OPTIMIZERS.get(self.optimizer)
+        if self.objective not in OBJECTIVES:
+            known = ", ".join(OBJECTIVES.names())
+            raise ValueError(f"PredictorConfig: unknown objective {self.objective!r}; known: {known}")
+        if self.optimizer not in OPTIMIZERS:
+            known = ", ".join(OPTIMIZERS.names())
+            raise ValueError(f"PredictorConfig: unknown optimizer {self.optimizer!r}; known: {known}")
 
 
 # ---------------------------------------------------------------- pieces
@@ -220,7 +229,9 @@ def _check_loss_table(x: torch.Tensor, losses: torch.Tensor, name: str) -> None:
     if losses.shape[1] < 2:
         raise ValueError(f"{name}: need at least 2 candidates to rank, got {losses.shape[1]}")
     if not bool(torch.isfinite(losses).all()):
-        raise ValueError(f"{name}: losses contain NaN/inf; rebuild the loss dataset (the target produced non-finite outputs)")
+        raise ValueError(
+            f"{name}: losses contain NaN/inf; rebuild the loss dataset (the target produced non-finite outputs)"
+        )
 
 
 # ---------------------------------------------------------------- metrics
@@ -318,7 +329,8 @@ def train_predictor(
     steps_per_epoch = max(1, n // cfg.batch_size)  # drop_last, as train.py
     total = cfg.epochs * steps_per_epoch
     optimizer = OPTIMIZERS.get(cfg.optimizer)(predictor.parameters(), cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+    cosine = lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))  # noqa: E731 - per step, to 0
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     objective = OBJECTIVES.get(cfg.objective)
     penalised = penalised_parameters(predictor)
     ema = WeightEMA(predictor, cfg.ema_decay)
@@ -340,7 +352,8 @@ def train_predictor(
                     loss = loss + cfg.weight_decay * sum(p.norm(2) for p in penalised)
                 if not bool(torch.isfinite(loss)):
                     raise RuntimeError(
-                        f"predictor training diverged: the loss is {float(loss)} at epoch {epoch}, step {step + 1}; "
+                        f"predictor training diverged: the loss is {float(loss.detach())} "
+                        f"at epoch {epoch}, step {step + 1}; "
                         f"lower lr (now {schedule.get_last_lr()[0]:.3g}) or check the predictor's weights and inputs"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -352,7 +365,9 @@ def train_predictor(
             ema_model = ema.module
             metrics: dict[str, float] = {"epoch": float(epoch), "lr": float(schedule.get_last_lr()[0])}
             metrics["train_loss"] = float(loss_sum) / steps_per_epoch
-            quality = predictor_quality(ema_model, xv, lv, identity_index=identity_index, batch_size=cfg.eval_batch_size)
+            quality = predictor_quality(
+                ema_model, xv, lv, identity_index=identity_index, batch_size=cfg.eval_batch_size
+            )
             metrics.update({f"valid_{k}": v for k, v in quality.items()})
             raw = predictor_scores(predictor, xv, cfg.eval_batch_size)
             metrics["valid_raw_spearman_rho"] = float(spearman_rho(raw, -lv).nanmean())

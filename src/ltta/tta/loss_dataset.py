@@ -52,7 +52,9 @@ def copies_per_image(duplication: int, flips: str = "both") -> int:
     return duplication * FLIP_MODES[flips]
 
 
-def _choose(values: Sequence[float], neutral: float, n: int, p: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+def _choose(
+    values: Sequence[float], neutral: float, n: int, p: float, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """Per sample: with probability p a uniform pick from ``values``, else ``neutral``. [n] float32."""
     table = torch.tensor(values, dtype=torch.float32, device=device)
     active = torch.rand(n, device=device, generator=gen) < p

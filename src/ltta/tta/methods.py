@@ -99,7 +99,8 @@ class TTAMethod(ABC):
         """Mean of the target's softmax over the candidates ``sel`` [N,k] of each image."""
         n, k = sel.shape
         c_count = len(self.ctx.candidates)
-        counts = torch.zeros(n, c_count, device=x.device).scatter_add_(1, sel, torch.ones_like(sel, dtype=torch.float32))
+        ones = torch.ones_like(sel, dtype=torch.float32)
+        counts = torch.zeros(n, c_count, device=x.device).scatter_add_(1, sel, ones)  # [N,C] times chosen
         acc: torch.Tensor | None = None
         for c in (counts.sum(0) > 0).nonzero().squeeze(1).tolist():  # distinct candidates only
             idx = (counts[:, c] > 0).nonzero().squeeze(1)
@@ -203,7 +204,8 @@ class RandomTTA(TTAMethod):
         return float(self.ctx.k)
 
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        sel = torch.randint(0, len(self.ctx.candidates), (x.shape[0], self.ctx.k), device=x.device, generator=self.generator)
+        shape = (x.shape[0], self.ctx.k)
+        sel = torch.randint(0, len(self.ctx.candidates), shape, device=x.device, generator=self.generator)
         return self._average_selected(x, sel)
 
 
@@ -219,7 +221,9 @@ class PolicyTTA(TTAMethod):
             raise ValueError("method 'policy' needs policy= (a searched Fast AutoAugment policy)")
         subs = getattr(ctx.policy, "subpolicies", ctx.policy)
         if len(subs) < ctx.k:
-            raise ValueError(f"method 'policy' with k={ctx.k} needs at least k sub-policies, the policy has {len(subs)}")
+            raise ValueError(
+                f"method 'policy' with k={ctx.k} needs at least k sub-policies, the policy has {len(subs)}"
+            )
         self.subpolicies = list(subs)[: ctx.k]
         self.generator = _generator(ctx)
 
@@ -291,7 +295,8 @@ class OracleTTA(TTAMethod):
             raise ValueError(f"k={self.ctx.k} exceeds the {len(self.ctx.candidates)} candidates")
         probs = torch.stack([self._probs(apply_candidate(x, c)) for c in self.ctx.candidates], dim=1)  # [N,C,K]
         yd = y.to(probs.device).long()
-        loss = -torch.log(probs.gather(2, yd[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(2).clamp_min(torch.finfo(torch.float32).tiny))
+        p_true = probs.gather(2, yd[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(2)  # [N,C]
+        loss = -torch.log(p_true.clamp_min(torch.finfo(torch.float32).tiny))
         best = loss.topk(self.ctx.k, dim=1, largest=False).indices  # [N,k]
         return probs.gather(1, best[:, :, None].expand(-1, -1, probs.shape[2])).mean(1)
 

@@ -1,0 +1,290 @@
+"""Candidate transforms, the predictor's loss dataset, and the TTA methods (tiny real target on CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
+
+import ltta.transforms.functional as TF
+from ltta.models.loss_predictor import LossPredictor
+from ltta.models.small_cnn import SmallCNN
+from ltta.training.target import predict_proba
+from ltta.transforms.policy import OpSpec, Policy
+from ltta.tta import (
+    PAPER_ACTIONS,
+    TTA_METHODS,
+    apply_candidate,
+    build_candidates,
+    build_method,
+    candidate_losses,
+    copies_per_image,
+    flip_ensemble_probs,
+    flops_per_image,
+    identity_index,
+    mirror_permutation,
+    parse_candidate,
+    predictor_training_inputs,
+)
+
+
+def smooth_images(n: int, seed: int) -> torch.Tensor:
+    """Random low-frequency images on 8-bit levels (so PIL comparisons are fair)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 6, 6, generator=g)
+    x = F.interpolate(low, size=32, mode="bicubic", align_corners=False).clamp(0, 1)
+    return x.mul(255).round().div(255)
+
+
+@pytest.fixture(scope="module")
+def target() -> SmallCNN:
+    """A small CNN trained for a few steps to tell which colour channel dominates."""
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=3, width=4)
+    x = smooth_images(192, 1)
+    y = x.mean(dim=(2, 3)).argmax(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(25):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    x = smooth_images(24, 2)
+    return x, x.mean(dim=(2, 3)).argmax(1)
+
+
+# ---------------------------------------------------------------- candidates
+
+
+def test_candidate_sets() -> None:
+    cands = build_candidates("all")
+    assert len(cands) == 24
+    assert [c.name for c in cands[:12]] == list(PAPER_ACTIONS)
+    assert [c.name for c in cands[12:]] == [a + "+hflip" for a in PAPER_ACTIONS]
+    assert identity_index(cands) == 0
+    paper = build_candidates("paper")
+    assert len(paper) == 12 and not any(c.flip for c in paper)
+    x = smooth_images(3, 0)
+    assert torch.equal(apply_candidate(x, cands[0]), x)
+    assert torch.equal(apply_candidate(x, cands[12]), x.flip(-1))
+    zoom_flip = parse_candidate("zoom:1.2+hflip")
+    assert torch.equal(apply_candidate(x, zoom_flip), apply_candidate(x, parse_candidate("zoom:1.2")).flip(-1))
+    for bad in ["rotate", "identity:2", "warp:3", "zoom:abc"]:
+        with pytest.raises((ValueError, KeyError)):
+            build_candidates([bad])
+    with pytest.raises(ValueError, match="duplicate"):
+        build_candidates(["identity", "identity"])
+
+
+def _pil_reference(img: np.ndarray, name: str) -> np.ndarray:
+    """The public code's action on a mirror-expanded PIL image, cropped at the exact centre."""
+    big = Image.fromarray(np.pad(img, ((32, 32), (32, 32), (0, 0)), mode="symmetric"))
+    family, _, mag = name.partition(":")
+    if family == "rotate":
+        out = big.rotate(float(mag), resample=Image.BICUBIC)
+    elif family == "zoom":
+        size = int(96 * float(mag))
+        out = big.resize((size, size), Image.BICUBIC)
+    elif family == "sharpness":
+        out = ImageEnhance.Sharpness(big).enhance(float(mag))
+    elif family == "color":
+        out = ImageEnhance.Color(big).enhance(float(mag))
+    else:
+        out = ImageOps.autocontrast(big)
+    arr = np.asarray(out)
+    off = (arr.shape[0] - 32) // 2
+    return arr[off : off + 32, off : off + 32].astype(np.float64)
+
+
+@pytest.mark.parametrize(
+    ("name", "tol"),
+    [("rotate:20", 2.5), ("rotate:-20", 2.5), ("zoom:0.75", 3.0), ("zoom:1.25", 3.0), ("autocontrast", 0.5),
+     ("sharpness:3", 1.0), ("sharpness:0.2", 1.0), ("color:2", 0.5)],
+)
+def test_actions_match_pil_on_mirror_expanded_image(name: str, tol: float) -> None:
+    """Same direction and magnitude as the public code (bicubic kernels differ: a=-0.5 vs -0.75)."""
+    x = smooth_images(1, 5)
+    img = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    ours = apply_candidate(x, parse_candidate(name))[0].permute(1, 2, 0).numpy() * 255
+    diff = np.abs(ours - _pil_reference(img, name)).mean()
+    assert diff < tol, f"{name}: mean abs difference {diff:.2f} levels"
+    assert np.abs(ours - img).mean() > 0.5 or name == "autocontrast"  # the action does something
+
+
+def test_mirror_permutation_aligns_flipped_views() -> None:
+    x = smooth_images(2, 3)
+    cands = build_candidates("all")
+    perm = mirror_permutation(cands)
+    for i, c in enumerate(cands):
+        mirrored = apply_candidate(x, cands[int(perm[i])])
+        torch.testing.assert_close(apply_candidate(x.flip(-1), c), mirrored, atol=1e-5, rtol=0)
+    # Without flip candidates: the public code's swap of r-20 and r20 only.
+    assert mirror_permutation(build_candidates("paper")).tolist() == [0, 2, 1, *range(3, 12)]
+
+
+# ---------------------------------------------------------------- loss dataset
+
+
+def test_predictor_training_inputs() -> None:
+    x = smooth_images(5, 4)
+    kw = dict(corruptions=["gaussian_noise", "contrast"], severities=(3,))
+    a = predictor_training_inputs(x, torch.Generator().manual_seed(0), **kw)
+    b = predictor_training_inputs(x, torch.Generator().manual_seed(0), **kw)
+    c = predictor_training_inputs(x, torch.Generator().manual_seed(1), **kw)
+    assert a.shape == (copies_per_image(3, "both") * 5, 3, 32, 32) == (30, 3, 32, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, a.mul(255).round().div(255))  # on 8-bit levels
+    # Neutral settings: the images themselves; "both" puts the flipped copy right after.
+    plain = predictor_training_inputs(x, torch.Generator(), duplication=2, p_aug=0.0, corruptions=[])
+    assert torch.equal(plain[:5], x) and torch.equal(plain[5:10], x.flip(-1)) and torch.equal(plain[10:15], x)
+    # Every row corrupted at p_aug = 1 (the validation recipe: one unflipped copy, no deformation).
+    val = predictor_training_inputs(x, torch.Generator().manual_seed(0), duplication=1, flips="none",
+                                    deform=False, p_aug=1.0, **kw)
+    assert val.shape == x.shape
+    assert bool(((val - x).abs().flatten(1).amax(1) > 0.02).all())
+    with pytest.raises(KeyError, match="corruption"):
+        predictor_training_inputs(x, torch.Generator(), corruptions=["no_such_corruption"])
+
+
+def test_candidate_losses_one_pass_per_candidate(target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = data
+    cands = build_candidates("all")
+    calls = []
+    handle = target.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        losses, correct = candidate_losses(target, x, y, cands, batch_size=64)
+    finally:
+        handle.remove()
+    assert calls == [x.shape[0]] * len(cands)  # one batched pass per candidate
+    assert losses.shape == correct.shape == (24, 24)
+    assert losses.dtype == torch.float32 and correct.dtype == torch.bool
+    with torch.no_grad():
+        for j in (0, 2, 17):
+            logits = target(apply_candidate(x, cands[j]))
+            torch.testing.assert_close(losses[:, j], F.cross_entropy(logits, y, reduction="none"), atol=1e-4, rtol=1e-4)
+            assert torch.equal(correct[:, j], logits.argmax(1) == y)
+    assert not torch.equal(losses[:, 0], losses[:, 1])  # rotating changes the loss
+
+
+# ---------------------------------------------------------------- methods
+
+
+def _nll(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -torch.log(probs.gather(1, y[:, None]).squeeze(1))
+
+
+def test_none_flip_and_crops_equal_manual_averages(target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, _ = data
+    p = lambda v: predict_proba(target, v)  # noqa: E731
+    torch.testing.assert_close(build_method("none", target).predict(x), p(x))
+    flip = build_method("flip", target)
+    assert flip.forward_passes == 2
+    torch.testing.assert_close(flip.predict(x), (p(x) + p(x.flip(-1))) / 2)
+    # Crops: corners of the 36x36 centre window of the mirror expansion (2-pixel shifts).
+    padded = TF.mirror_pad(x, 2)
+    corners = [padded[..., :32, :32], padded[..., :32, 4:], padded[..., 4:, :32], padded[..., 4:, 4:], x]
+    five = sum(p(v) for v in corners) / 5
+    torch.testing.assert_close(build_method("five_crop", target).predict(x), five)
+    ten = (five * 5 + sum(p(v.flip(-1)) for v in corners)) / 10
+    torch.testing.assert_close(build_method("ten_crop", target).predict(x), ten)
+
+
+def test_oracle_is_never_worse_than_any_candidate(target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = data
+    cands = build_candidates("all")
+    losses, _ = candidate_losses(target, x, y, cands, batch_size=64)
+    oracle = build_method("oracle", target, candidates=cands)
+    assert oracle.forward_passes == 24
+    nll = _nll(oracle.predict(x, y), y)
+    assert bool((nll[:, None] <= losses + 1e-5).all())
+    torch.testing.assert_close(nll, losses.min(1).values, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="labels"):
+        oracle.predict(x)
+
+
+def test_learned_selection_and_full_k(target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, _ = data
+    cands = build_candidates("all")
+    torch.manual_seed(3)
+    predictor = LossPredictor(num_outputs=24, width=4).eval()
+    full = build_method("learned", target, candidates=cands, k=24, predictor=predictor)
+    manual = sum(predict_proba(target, apply_candidate(x, c)) for c in cands) / 24
+    torch.testing.assert_close(full.predict(x), manual, atol=1e-6, rtol=1e-5)
+    one = build_method("learned", target, candidates=cands, k=1, predictor=predictor)
+    choice = flip_ensemble_probs(predictor, x, cands).argmax(1)
+    assert torch.equal(one.selection(x)[:, 0], choice)
+    views = torch.cat([apply_candidate(x[i : i + 1], cands[int(c)]) for i, c in enumerate(choice)])
+    expected = predict_proba(target, views)
+    torch.testing.assert_close(one.predict(x), expected, atol=1e-6, rtol=1e-5)
+    ratio = flops_per_image(predictor, 32) / flops_per_image(target, 32)  # k plus two predictor runs
+    assert one.forward_passes == pytest.approx(1 + 2 * ratio) and ratio > 0
+    with pytest.raises(ValueError, match="outputs"):
+        build_method("learned", target, candidates="paper", predictor=predictor).predict(x)
+
+
+def test_random_is_seeded(target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, _ = data
+    def run(seed: int) -> torch.Tensor:
+        return build_method("random", target, k=3, generator=torch.Generator().manual_seed(seed)).predict(x)
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(a.sum(1), torch.ones(x.shape[0]))
+    assert build_method("random", target, k=3).forward_passes == 3
+
+
+def test_policy_method_averages_identity_and_subpolicies(
+    target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, _ = data
+    policy = Policy([[OpSpec("Invert", 1.0, 0.5)], [OpSpec("Solarize", 1.0, 0.0)], [OpSpec("Equalize", 1.0, 0.5)]])
+    method = build_method("policy", target, k=2, policy=policy)
+    assert method.forward_passes == 3
+    inv = 1.0 - x  # Invert, and Solarize at level 0 (threshold 0) inverts every pixel too
+    expected = (predict_proba(target, x) + 2 * predict_proba(target, inv)) / 3
+    torch.testing.assert_close(method.predict(x), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="sub-policies"):
+        build_method("policy", target, k=5, policy=policy)
+
+
+def test_registry_lists_methods(target: SmallCNN) -> None:
+    expected = {"none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "oracle"}
+    assert set(TTA_METHODS.names()) == expected
+    with pytest.raises(KeyError, match="known"):
+        build_method("magic", target)
+    with pytest.raises(ValueError, match="predictor"):
+        build_method("learned", target)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Views, losses and methods run on the GPU and agree with the CPU (fp32: amp off)."""
+    x, y = data
+    dev = torch.device("cuda")
+    gpu_target = SmallCNN(num_classes=3, width=4).to(dev).eval()
+    gpu_target.load_state_dict(target.state_dict())
+    cands = build_candidates("all")
+    l_cpu, _ = candidate_losses(target, x, y, cands, batch_size=64)
+    l_gpu, _ = candidate_losses(gpu_target, x.to(dev), y.to(dev), cands, batch_size=64, amp=False)
+    assert l_gpu.device.type == "cuda"
+    torch.testing.assert_close(l_gpu.cpu(), l_cpu, atol=2e-3, rtol=2e-3)
+    torch.manual_seed(3)
+    predictor = LossPredictor(num_outputs=24, width=4).eval()
+    gpu_predictor = LossPredictor(num_outputs=24, width=4).to(dev).eval()
+    gpu_predictor.load_state_dict(predictor.state_dict())
+    for name in ("flip", "ten_crop", "learned", "oracle"):
+        cpu_m = build_method(name, target, candidates=cands, k=2, predictor=predictor)
+        gpu_m = build_method(name, gpu_target, candidates=cands, k=2, predictor=gpu_predictor, amp=False)
+        out = gpu_m.predict(x.to(dev), y.to(dev))
+        assert out.device.type == "cuda" and out.dtype == torch.float32
+        torch.testing.assert_close(out.cpu(), cpu_m.predict(x, y), atol=2e-3, rtol=2e-3)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    xa = predictor_training_inputs(x.to(dev), gen, corruptions=["gaussian_noise", "fog"])
+    assert xa.device.type == "cuda" and xa.shape == (6 * x.shape[0], 3, 32, 32)
