@@ -104,7 +104,9 @@ class TrainPredictorParams(_Section):
     weight_decay: Annotated[float, Field(ge=0.0)] = 1e-5
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
     tau: Annotated[float, Field(gt=0.0)] = 1.0  # softmin temperature of the target ranking
-    rank_temperature: Annotated[float, Field(gt=0.0)] = 0.1  # soft-rank temperature
+    rank_temperature: Annotated[float, Field(gt=0.0)] = 0.01  # soft-rank temperature
+    objective: Literal["sodeep_style", "spearman"] = "sodeep_style"
+    cutout: Annotated[float, Field(ge=0.0)] = 1.0  # cutout side / image side on predictor inputs (0: off)
 
 
 class SearchPolicyParams(_Section):

@@ -1,0 +1,68 @@
+"""Stage train_predictor: the loss predictor, trained to rank the candidates by the target's loss.
+
+Outputs: ``models/predictor.pt`` (the EMA weights, with the candidate names in column order),
+``metrics/predictor.json`` (Spearman rho and top-1 agreement with the oracle on valid_loss,
+beside the random-ranking baseline) and ``plots/predictor_curve.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from ltta import tracking
+from ltta.config import Params
+from ltta.io import load_npz, write_json
+from ltta.model_io import save_model_file
+from ltta.models import build_model
+from ltta.runtime import resolve_device, seed_everything
+from ltta.stages.base import Paths, mlflow_stage
+from ltta.stages.train_target import write_curve
+from ltta.training.predictor import PredictorConfig, train_predictor
+
+STAGE = "train_predictor"
+REPORTED = (
+    "spearman_rho", "random_rho", "top1_agreement", "random_top1_agreement",
+    "chosen_loss", "identity_loss", "oracle_loss", "random_loss",
+)
+
+
+def _nchw_uint8(x: np.ndarray) -> torch.Tensor:
+    """The stored NHWC uint8 inputs as NCHW uint8 (the trainer converts per batch on the device)."""
+    return torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
+
+
+def run(params: Params, paths: Paths = Paths()) -> None:
+    tp = params.train_predictor
+    device = resolve_device(params.device)
+    seed_everything(params.seed)
+    train = load_npz(paths.loss_data / "train.npz", required=("x", "losses"))
+    valid = load_npz(paths.loss_data / "valid.npz", required=("x", "losses"))
+    loss_meta = json.loads((paths.loss_data / "meta.json").read_text())
+    data_meta = json.loads((paths.prepared / "meta.json").read_text())
+    names = loss_meta["candidates"]
+    kwargs = {"num_outputs": len(names), "width": tp.width, "mean": tuple(data_meta["mean"]), "std": tuple(data_meta["std"])}
+    cfg = PredictorConfig(
+        epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, weight_decay=tp.weight_decay, ema_decay=tp.ema_decay,
+        tau=tp.tau, rank_temperature=tp.rank_temperature, objective=tp.objective, optimizer=tp.optimizer,
+        cutout=tp.cutout, seed=params.seed,
+    )
+    with mlflow_stage(STAGE, params, ("train_predictor",)):
+        predictor = build_model("loss_predictor", **kwargs)
+        ema, history = train_predictor(
+            predictor, _nchw_uint8(train["x"]), torch.as_tensor(train["losses"]),
+            _nchw_uint8(valid["x"]), torch.as_tensor(valid["losses"]), cfg, device=device,
+            identity_index=int(loss_meta["identity_index"]),
+            on_epoch=lambda epoch, m: tracking.log_metrics(m, step=epoch),
+        )
+        save_model_file(paths.predictor, ema, "loss_predictor", kwargs, extra={"candidates": names})
+        last = history[-1]
+        metrics = {k: round(float(last[f"valid_{k}"]), 4) for k in REPORTED if f"valid_{k}" in last}
+        metrics["epochs"] = len(history)
+        write_json(paths.metrics / "predictor.json", metrics)
+        write_curve(paths.plots / "predictor_curve.csv", history)
+        tracking.log_artifacts([paths.plots / "predictor_curve.csv"])
+        example = _nchw_uint8(valid["x"][:2]).float().div(255.0).numpy()
+        tracking.log_and_register_model(ema, "ltta-predictor", example, register=params.tracking.register_models)
