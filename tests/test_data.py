@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import pickle
 import tarfile
 import threading
@@ -61,9 +62,10 @@ def _cifar_archive(kind: str, rng: np.random.Generator) -> tuple[bytes, dict[str
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files with HTTP Range support, like the CIFAR host, and counts the requests."""
+    """Serves files with HTTP Range support, like the CIFAR host, and records each request's Range."""
 
     requests: list[str] = []
+    honour_range = True
 
     def log_message(self, *args: object) -> None:
         pass
@@ -76,8 +78,11 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         data = path.read_bytes()
         rng = self.headers.get("Range")
         type(self).requests.append(rng or "full")
-        if rng:
+        if rng and type(self).honour_range:
             start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_error(416)
+                return
             body = data[start:]
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -94,8 +99,9 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     root = tmp_path / "www"
     root.mkdir()
     _RangeHandler.requests = []
+    _RangeHandler.honour_range = True
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", root
@@ -104,38 +110,82 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         server.server_close()
 
 
-@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
-def test_cifar_download_resume_and_parse(kind: str, served: tuple[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "url_form"), [("cifar10", "full"), ("cifar100", "base")])
+def test_cifar_download_resume_and_parse(kind: str, url_form: str, served: tuple[str, Path], tmp_path: Path) -> None:
     base, www = served
     data, packed = _cifar_archive(kind, np.random.default_rng(0))
     name = "cifar-10-python.tar.gz" if kind == "cifar10" else "cifar-100-python.tar.gz"
     (www / name).write_bytes(data)
     md5 = hashlib.md5(data).hexdigest()
+    url = f"{base}/{name}" if url_form == "full" else f"{base}/"  # a full archive URL or a mirror's folder
     root = tmp_path / "raw"
     root.mkdir()
     (root / (name + ".part")).write_bytes(data[:100])  # an interrupted earlier download
-    ds = load_source(kind, root=root, url=f"{base}/{name}", md5=md5)
+    ds = load_source(kind, root=root, url=url, md5=md5)
     assert _RangeHandler.requests == ["bytes=100-"], "the download did not resume"
+    assert (root / name).read_bytes() == data and not (root / (name + ".part")).exists()
     np.testing.assert_array_equal(ds.x_train, packed["train_x"])
     np.testing.assert_array_equal(ds.y_train, packed["train_y"])
     np.testing.assert_array_equal(ds.x_test, packed["test_x"])
-    assert ds.x_train.shape[1:] == (32, 32, 3) and len(ds.classes) == (10 if kind == "cifar10" else 100)
-    # A second load uses the verified archive: no new request.
-    load_source(kind, root=root, url=f"{base}/{name}", md5=md5)
-    assert len(_RangeHandler.requests) == 1
+    np.testing.assert_array_equal(ds.y_test, packed["test_y"])
+    assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int64 and ds.name == kind
+    n_classes = 10 if kind == "cifar10" else 100
+    assert ds.classes == [f"c{i}" for i in range(n_classes)]
+    # A second load uses the verified archive and the extracted batches: no new request.
+    again = load_source(kind, root=root, url=url, md5=md5, image_size=16)
+    assert len(_RangeHandler.requests) == 1 and again.x_train.shape == (len(packed["train_y"]), 16, 16, 3)
+
+
+def test_download_restarts_when_range_is_ignored(served: tuple[str, Path], tmp_path: Path) -> None:
+    base, www = served
+    payload = bytes(range(256)) * 40
+    (www / "f.bin").write_bytes(payload)
+    _RangeHandler.honour_range = False
+    (tmp_path / "f.bin.part").write_bytes(b"stale bytes from another file")
+    out = download_file(f"{base}/f.bin", tmp_path / "f.bin", hashlib.md5(payload).hexdigest(), progress=False, chunk_size=1000)
+    assert out.read_bytes() == payload and _RangeHandler.requests == ["bytes=29-"]
+
+
+def test_existing_file_is_checked_not_refetched(served: tuple[str, Path], tmp_path: Path) -> None:
+    base, www = served
+    (tmp_path / "f.bin").write_bytes(b"placed by hand")
+    download_file(f"{base}/f.bin", tmp_path / "f.bin", hashlib.md5(b"placed by hand").hexdigest(), progress=False)
+    assert _RangeHandler.requests == []
+    with pytest.raises(ValueError, match="exists but its md5 is .* delete it"):
+        download_file(f"{base}/f.bin", tmp_path / "f.bin", "0" * 32, progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == b"placed by hand", "a hand-placed file must never be deleted"
 
 
 def test_checksum_mismatch_deletes_and_explains(served: tuple[str, Path], tmp_path: Path) -> None:
     base, www = served
     (www / "f.bin").write_bytes(b"corrupted bytes")
-    with pytest.raises(ValueError, match="checksum mismatch.*expected md5 0+"):
-        download_file(f"{base}/f.bin", tmp_path / "f.bin", "0" * 32, progress=False)
+    url = f"{base}/f.bin"
+    got = hashlib.md5(b"corrupted bytes").hexdigest()
+    with pytest.raises(ValueError, match=f"checksum mismatch for {url}: expected md5 0{{32}}, got {got}.*Rerun"):
+        download_file(url, tmp_path / "f.bin", "0" * 32, progress=False)
     assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.bin.part").exists()
 
 
 def test_unreachable_url_names_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="data.url"):
-        download_file("http://127.0.0.1:9/none.tar.gz", tmp_path / "x.tar.gz", "0" * 32, progress=False, timeout=2)
+    url = "http://127.0.0.1:9/none.tar.gz"
+    with pytest.raises(RuntimeError, match=f"{url}.*data.url.*place it at"):
+        download_file(url, tmp_path / "x.tar.gz", "0" * 32, progress=False, timeout=2)
+
+
+def test_corrupted_or_foreign_archive_is_a_clear_error(served: tuple[str, Path], tmp_path: Path) -> None:
+    base, www = served
+    junk = b"this is not a gzip file" * 10
+    (www / "cifar-10-python.tar.gz").write_bytes(junk)
+    with pytest.raises(ValueError, match="could not be extracted.*delete it"):
+        load_source("cifar10", root=tmp_path / "a", url=f"{base}/", md5=hashlib.md5(junk).hexdigest())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:  # a tar.gz without the batches
+        info = tarfile.TarInfo("cifar-10-batches-py/readme.html")
+        tar.addfile(info, io.BytesIO(b""))
+    (www / "cifar-10-python.tar.gz").write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="lacks cifar-10-batches-py/.*data_batch_1.*not the official"):
+        load_source("cifar10", root=tmp_path / "b", url=f"{base}/", md5=hashlib.md5(buf.getvalue()).hexdigest())
+    assert not (tmp_path / "b" / "cifar-10-batches-py").exists(), "a failed extraction must leave nothing half-done"
 
 
 def test_npz_source(tmp_path: Path) -> None:
@@ -145,32 +195,80 @@ def test_npz_source(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x_train=x, y_train=y)
     ds = load_source("npz", root=tmp_path, path=tmp_path / "d.npz", test_fraction=0.25)
     assert ds.x_train.shape == (30, 32, 32, 3) and ds.x_test.shape == (10, 32, 32, 3) and ds.x_train.dtype == np.uint8
+    assert sorted(np.bincount(ds.y_test).tolist()) == [2, 2, 3, 3]  # stratified: 2.5 per class rounds to 2 or 3
+    assert ds.classes == ["0", "1", "2", "3"]
+    # Grayscale NHW uint8 with its own test split, at the native size: kept bit for bit, replicated to RGB.
+    g = rng.integers(0, 256, (12, 32, 32), dtype=np.uint8)
+    np.savez(tmp_path / "g.npz", x_train=g[:8], y_train=np.arange(8) % 2, x_test=g[8:], y_test=np.arange(4) % 3)
+    gs = load_source("npz", root=tmp_path, path=tmp_path / "g.npz")
+    np.testing.assert_array_equal(gs.x_test[..., 1], g[8:])
+    assert gs.classes == ["0", "1", "2"] and gs.y_train.dtype == np.int64
+    # Floats in [0,255] NHWC are rounded, not rescaled.
+    np.savez(tmp_path / "f.npz", x_train=g[..., None].astype(np.float64).repeat(3, -1), y_train=np.arange(12) % 2)
+    fs = load_source("npz", root=tmp_path, path=tmp_path / "f.npz", test_fraction=0.5)
+    assert sorted(map(bytes, np.concatenate([fs.x_train, fs.x_test])[..., 2])) == sorted(map(bytes, g))
+
     np.savez(tmp_path / "bad.npz", x_train=x)
     with pytest.raises(ValueError, match="lacks \\['y_train'\\]"):
         load_source("npz", root=tmp_path, path=tmp_path / "bad.npz")
+    np.savez(tmp_path / "float_y.npz", x_train=x, y_train=y.astype(np.float32))
+    with pytest.raises(ValueError, match="y_train must be integer labels of shape \\[40\\]"):
+        load_source("npz", root=tmp_path, path=tmp_path / "float_y.npz")
+    np.savez(tmp_path / "range.npz", x_train=x * 300, y_train=y)
+    with pytest.raises(ValueError, match="x_train: pixel values must lie in"):
+        load_source("npz", root=tmp_path, path=tmp_path / "range.npz")
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        load_source("npz", root=tmp_path, path=tmp_path / "missing.npz")
+
+
+def _write_images(folder: Path, classes: tuple[str, ...], n: int, rng: np.random.Generator) -> None:
+    from PIL import Image
+
+    for cls in classes:
+        (folder / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
 
 
 def test_folder_source(tmp_path: Path) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    ds = load_source("folder", root=tmp_path, path=tmp_path)
+    _write_images(tmp_path / "split" / "train", ("dog", "cat"), 4, rng)
+    _write_images(tmp_path / "split" / "test", ("dog", "cat"), 2, rng)
+    ds = load_source("folder", root=tmp_path, path=tmp_path / "split")
     assert ds.classes == ["cat", "dog"] and ds.x_train.shape == (8, 32, 32, 3) and list(ds.y_test) == [0, 0, 1, 1]
+    with Image.open(tmp_path / "split" / "test" / "cat" / "0.png") as im:
+        expected = np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR))
+    np.testing.assert_array_equal(ds.x_test[0], expected)
+
+    _write_images(tmp_path / "flat", ("a", "b", "c"), 5, rng)  # no train/test folders: stratified hold-out
+    flat = load_source("folder", root=tmp_path, path=tmp_path / "flat", test_fraction=0.4, image_size=8)
+    assert flat.x_test.shape == (6, 8, 8, 3) and np.bincount(flat.y_test).tolist() == [2, 2, 2]
+
+    _write_images(tmp_path / "split" / "test", ("eel",), 1, rng)
+    with pytest.raises(ValueError, match="test has class folders \\['cat', 'dog', 'eel'\\]"):
+        load_source("folder", root=tmp_path, path=tmp_path / "split")
 
 
 def test_paper_split_is_stratified_and_deterministic() -> None:
+    from sklearn.model_selection import StratifiedShuffleSplit
+
     y = np.repeat(np.arange(10), 50)
+    np.random.default_rng(0).shuffle(y)
     tr, va = loss_predictor_split(y)
     assert len(va) == 100 and len(tr) == 400 and not set(tr) & set(va)
-    assert np.bincount(y[va]).tolist() == [10] * 10
-    np.testing.assert_array_equal(tr, loss_predictor_split(y)[0])
+    assert np.bincount(y[va]).tolist() == [10] * 10 and np.all(np.diff(tr) > 0)
+    # The reference's definition: first split of StratifiedShuffleSplit(5, test_size=0.2, random_state=0).
+    ref_tr, ref_va = next(StratifiedShuffleSplit(n_splits=5, test_size=0.2, random_state=0).split(y, y))
+    np.testing.assert_array_equal(va, np.sort(ref_va))
+    np.testing.assert_array_equal(tr, np.sort(ref_tr))
+    assert not np.array_equal(va, loss_predictor_split(y, seed=1)[1])
     idx = subsample_stratified(y, 100, seed=0)
     assert np.bincount(y[idx]).tolist() == [10] * 10
+    np.testing.assert_array_equal(idx, subsample_stratified(y, 100, seed=0))
+    assert not np.array_equal(idx, subsample_stratified(y, 100, seed=1))
+    np.testing.assert_array_equal(subsample_stratified(y, 10_000), np.arange(500))
 
 
 @pytest.fixture(scope="module")
@@ -180,21 +278,48 @@ def digits_splits() -> dict:
     return {"train_loss": (ds.x_train[tr], ds.y_train[tr]), "valid_loss": (ds.x_train[va], ds.y_train[va]), "test": (ds.x_test, ds.y_test)}
 
 
+def _failed(report_path: Path) -> list[tuple[str, str, str]]:
+    report = json.loads(report_path.read_text())
+    assert report["success"] is False
+    return [(r["split"], r["expectation"], r["kwargs"].get("column", "")) for r in report["expectations"] if not r["success"]]
+
+
 def test_validation_passes_on_good_splits_and_catches_bad_ones(digits_splits: dict, tmp_path: Path) -> None:
-    pairs = [("train_loss", "valid_loss"), ("train_loss", "test")]
+    pairs = [("train_loss", "valid_loss"), ("train_loss", "test"), ("valid_loss", "test")]
     report = validate_splits(digits_splits, 10, tmp_path / "ok.json", disjoint=pairs)
-    assert report["success"] and (tmp_path / "ok.json").exists()
+    assert report["success"] and json.loads((tmp_path / "ok.json").read_text()) == report
+    assert report["splits"]["test"]["n"] == 360 and sum(report["splits"]["train_loss"]["class_counts"]) == 1149
+    assert all(r["success"] for r in report["expectations"]) and len(report["expectations"]) == 3 * 12 + 3
 
     x_te, y_te = digits_splits["test"]
     leaked = dict(digits_splits, test=(np.concatenate([x_te, digits_splits["train_loss"][0][:1]]), np.concatenate([y_te, [0]])))
-    with pytest.raises(DataValidationError, match="train_loss\\|test: expect_column_values_to_be_unique") as err:
+    with pytest.raises(DataValidationError, match="train_loss\\|test: expect_column_values_to_be_unique\\(hash\\)") as err:
         validate_splits(leaked, 10, tmp_path / "leak.json", disjoint=pairs)
     assert str(tmp_path / "leak.json") in str(err.value)
+    assert _failed(tmp_path / "leak.json") == [("train_loss|test", "expect_column_values_to_be_unique", "hash")]
 
     bad_label = dict(digits_splits, test=(x_te, np.where(np.arange(len(y_te)) == 0, 11, y_te)))
-    with pytest.raises(DataValidationError, match="label"):
+    with pytest.raises(DataValidationError, match="test: expect_column_values_to_be_in_set\\(label\\) -> 1 unexpected, e.g. \\[11\\]"):
         validate_splits(bad_label, 10, tmp_path / "label.json")
+    assert _failed(tmp_path / "label.json") == [("test", "expect_column_values_to_be_in_set", "label")]
 
     bad_dtype = dict(digits_splits, test=(x_te.astype(np.float32), y_te))
     with pytest.raises(DataValidationError, match="dtype"):
         validate_splits(bad_dtype, 10, tmp_path / "dtype.json")
+    assert _failed(tmp_path / "dtype.json") == [("test", "expect_column_values_to_be_in_set", "dtype")]
+
+
+def test_validation_catches_starved_class_blank_images_and_bad_shapes(digits_splits: dict, tmp_path: Path) -> None:
+    x, y = digits_splits["valid_loss"]
+    keep = (y != 3) | (np.cumsum(y == 3) <= 2)  # class 3 keeps 2 of ~29 images: under half a fair share
+    blank = x.copy()
+    blank[:10] = 0
+    splits = {"starved": (x[keep], y[keep]), "blank": (blank, y), "gray": (x[..., :1], y), "floaty": (x, y.astype(np.float64))}
+    with pytest.raises(DataValidationError, match="report: "):
+        validate_splits(splits, 10, tmp_path / "r.json")
+    failed = _failed(tmp_path / "r.json")
+    assert ("starved", "expect_column_values_to_be_between", "count") in failed
+    assert ("blank", "expect_column_values_to_be_between", "std") in failed
+    assert ("gray", "expect_column_values_to_be_in_set", "shape") in failed
+    assert ("floaty", "expect_column_values_to_be_in_set", "label_dtype") in failed
+    assert len(failed) == 4

@@ -144,6 +144,9 @@ def log_and_register_model(model: Any, name: str, example_input: Any, *, registe
         pytorch_model=model,
         name=name,
         signature=signature,
+        # pt2: torch.export's traced graph, loadable without this package's code.
+        input_example=np.asarray(example_input),
+        serialization_format="pt2",
         # Explicit requirements: inferring them imports and inspects the whole environment (slow).
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
     )

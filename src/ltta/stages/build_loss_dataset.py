@@ -3,7 +3,7 @@
 The predictor's inputs are made as the public code makes them (kakaobrain/learning-loss-for-tta
 dataloader.py): train_loss images duplicated, flipped, randomly rotated / zoomed / brightened and
 corrupted with the benchmark corruptions named in params (held-out families stay out);
-valid_loss images are corrupted the same way but not deformed. Outputs ``data/loss/{train,valid}.npz``
+valid_loss images are corrupted the same way but neither deformed nor flipped. Outputs ``data/loss/{train,valid}.npz``
 (``x`` uint8 NHWC, ``y``, ``losses`` float32 [N,C], ``correct`` bool [N,C]) and
 ``data/loss/meta.json`` (the candidate names, in column order).
 """
@@ -34,6 +34,7 @@ def build_split(
     *,
     deform: bool,
     duplication: int,
+    flips: str,
     params: Params,
     device: torch.device,
     seed: int,
@@ -47,7 +48,8 @@ def build_split(
         xb = to_float_nchw(x[start : start + CHUNK], device)
         yb = torch.as_tensor(y[start : start + CHUNK], device=device)
         x_in = predictor_training_inputs(
-            xb, gen, duplication=duplication, p_aug=ld.p_aug, corruptions=list(ld.corruptions), deform=deform
+            xb, gen, duplication=duplication, p_aug=ld.p_aug, corruptions=list(ld.corruptions),
+            deform=deform, flips=flips,
         )
         y_in = yb.repeat(x_in.shape[0] // xb.shape[0])
         losses, correct = candidate_losses(target, x_in, y_in, candidates, batch_size=ld.batch_size, device=device)
@@ -84,10 +86,12 @@ def run(params: Params, paths: Paths = Paths()) -> None:
 
     with mlflow_stage(STAGE, params, ("loss_dataset",)):
         built = {}
-        for i, (name, deform, dup) in enumerate((("train", True, ld.duplication), ("valid", False, 1))):
+        # train_loss: duplicated, both flips, deformed; valid_loss: one unflipped, undeformed copy (public code).
+        plan = (("train", True, ld.duplication, "both"), ("valid", False, 1, "none"))
+        for i, (name, deform, dup, flips) in enumerate(plan):
             idx = splits[f"{name}_loss"]
             built[name] = build_split(
-                target, train["x"][idx], train["y"][idx], candidates, deform=deform, duplication=dup,
+                target, train["x"][idx], train["y"][idx], candidates, deform=deform, duplication=dup, flips=flips,
                 params=params, device=device, seed=params.seed + 1000 * (i + 1), desc=f"loss dataset ({name})",
             )
         with atomic_dir(paths.loss_data) as out:
