@@ -10,10 +10,12 @@ from __future__ import annotations
 import csv
 import json
 
+import optuna
 import torch
 
 from ltta import tracking
 from ltta.config import Params
+from ltta.data import subsample_stratified
 from ltta.io import atomic_path, load_npz, write_json
 from ltta.models import build_model
 from ltta.runtime import resolve_device, seed_everything, to_float_nchw
@@ -23,9 +25,10 @@ from ltta.stages.train_target import model_kwargs
 from ltta.training.target import TrainConfig, train_classifier
 from ltta.transforms.policy import save_policy
 
-from ltta.data import subsample_stratified
-
 STAGE = "search_policy"
+
+# One line per trial floods the log; the score is logged to MLflow and plots/search_trials.csv instead.
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def run(params: Params, paths: Paths = Paths()) -> None:

@@ -81,9 +81,9 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         final = evaluate_classifier(model, x_te, y_te)
         save_model_file(paths.target, model, p.arch, kwargs, extra={"classes": meta["classes"], "history": history})
         metrics = {
-            "test_error": round(float(final["error"]), 4),
+            "test_error": round(100.0 * float(final["error"]), 4),  # percent, as the results table
             "test_loss": round(float(final["loss"]), 4),
-            "train_error": round(float(history[-1]["train_error"]), 4),
+            "train_error": round(100.0 * float(history[-1]["train_error"]), 4),
             "epochs": len(history),
             "images_per_s": round(float(sum(h["images_per_s"] for h in history) / len(history)), 1),
         }
