@@ -20,6 +20,14 @@ Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
+def known_corruptions(names: list[str]) -> list[str]:
+    """Every name must be one of the benchmark's 19 corruptions."""
+    unknown = [n for n in names if n not in ALL_CORRUPTIONS]
+    if unknown:
+        raise ValueError(f"unknown corruption(s) {unknown}; allowed: {', '.join(ALL_CORRUPTIONS)}")
+    return names
+
+
 class _Section(BaseModel):
     """Strict base: unknown keys are errors, values are not silently coerced across types."""
 
@@ -48,13 +56,7 @@ class CorruptionParams(_Section):
     names: list[str] = Field(min_length=1)
     max_images: PositiveInt | None = None  # corrupt only this many test images (stratified)
 
-    @field_validator("names")
-    @classmethod
-    def _known(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in ALL_CORRUPTIONS]
-        if unknown:
-            raise ValueError(f"unknown corruption(s) {unknown}; allowed: {', '.join(ALL_CORRUPTIONS)}")
-        return names
+    _known = field_validator("names")(classmethod(lambda cls, v: known_corruptions(v)))
 
 
 class TrainTargetParams(_Section):
@@ -86,13 +88,7 @@ class LossDatasetParams(_Section):
     corruptions: list[str] = Field(default_factory=list)  # corruptions mixed into the predictor's inputs
     batch_size: PositiveInt = 512
 
-    @field_validator("corruptions")
-    @classmethod
-    def _known(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in ALL_CORRUPTIONS]
-        if unknown:
-            raise ValueError(f"unknown corruption(s) {unknown}; allowed: {', '.join(ALL_CORRUPTIONS)}")
-        return names
+    _known = field_validator("corruptions")(classmethod(lambda cls, v: known_corruptions(v)))
 
 
 class TrainPredictorParams(_Section):
