@@ -87,3 +87,18 @@ def test_ltta_params_writes_a_profile(tmp_path: Path) -> None:
 def test_every_command_has_help(command: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "ltta.cli", command, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: ltta" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides", [[], ["profile=cifar100", "train_target.epochs=3"]])
+def test_dvc_exp_run_composition_matches_ours(tmp_path: Path, overrides: list[str]) -> None:
+    """`dvc exp run -S ...` composes conf/ through DVC's own Hydra helper: same params as `ltta params`."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(str(out), str(ROOT / "conf"), None, "config", str(ROOT), overrides)
+    assert load_params(out) == compose_params(ROOT / "conf", overrides)
+
+
+def test_dvc_config_enables_hydra() -> None:
+    text = (ROOT / ".dvc" / "config").read_text()
+    assert "[hydra]" in text and "enabled = true" in text
