@@ -20,6 +20,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_project(tmp_path_factory.mktemp("flow-project"), tiny_params(evaluate={"severities": [3]}))
 
 
+@pytest.mark.timeout(1200)  # the whole pipeline twice through DVC: ~2 min on an idle 2-core machine
 def test_flow_runs_stages_through_dvc_and_nests_mlflow_runs(project: Path, prefect_server: None, mlflow_server: str, monkeypatch) -> None:
     import mlflow
 
