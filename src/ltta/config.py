@@ -62,7 +62,9 @@ class CorruptionParams(_Section):
 class TrainTargetParams(_Section):
     arch: str = "small_cnn"
     width: PositiveInt | None = None  # architecture width (small_cnn); None: the architecture's default
-    mode: Literal["standard"] = "standard"
+    # standard: crop+flip; augmix: + AugMix views and the JSD consistency loss (Hendrycks et al. 2020).
+    # (The policy mode exists in the library; its stage wiring, with the policy as a DVC dep, comes with issue 5.)
+    mode: Literal["standard", "augmix"] = "standard"
     epochs: PositiveInt = 15
     batch_size: PositiveInt = 128
     lr: Annotated[float, Field(gt=0.0)] = 0.1  # peak learning rate (SGD)
@@ -73,6 +75,11 @@ class TrainTargetParams(_Section):
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
+    min_lr: Annotated[float, Field(ge=0.0)] = 0.0  # floor of the cosine schedule (AugMix: 1e-6)
+    jsd_weight: Annotated[float, Field(ge=0.0)] = 12.0  # augmix: weight of the Jensen-Shannon term
+    augmix_width: PositiveInt = 3  # augmix: chains per mixture
+    augmix_depth: Annotated[int, Field(ge=-1, le=10)] = -1  # augmix: ops per chain (-1: uniform 1..3)
+    augmix_severity: Annotated[int, Field(ge=1, le=10)] = 3  # augmix: op strength
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainTargetParams:

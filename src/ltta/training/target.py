@@ -5,7 +5,12 @@ momentum, weight decay, a cosine learning-rate decay updated every step (AugMix:
 google-research/augmix cifar.py ``get_lr`` through ``LambdaLR``; Fast AutoAugment:
 kakaobrain/fast-autoaugment FastAutoAugment/train.py, which steps a cosine schedule at fractional
 epochs behind a linear warm-up), cross-entropy, pad-4 crop + flip (with a searched policy applied
-first, FAA's order: policy -> crop -> flip).
+first, FAA's order: policy -> crop -> flip -> cutout).
+
+A training *mode* says how a prepared batch becomes a loss (``TRAIN_MODES``): ``standard`` is
+cross-entropy; ``augmix`` adds two AugMix views of each image and AugMix's Jensen-Shannon
+consistency term (:mod:`ltta.training.augmix`); ``policy`` is ``standard`` with a Fast AutoAugment
+policy as the required ``extra_augment`` (usually with ``cutout=16``).
 
 Unlike the references there is no DataLoader: the whole training set is one tensor on the device,
 each epoch is a random permutation drawn from an explicit generator, batches are index slices,
@@ -32,9 +37,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ltta.io import save_torch
+from ltta.models.layers import Normalize
 from ltta.registry import Registry
 from ltta.runtime import make_generator
+from ltta.training.augmix import augmix, jsd_loss
 from ltta.transforms.functional import random_crop_flip
+from ltta.transforms.policy import Policy
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -48,6 +56,89 @@ TRAIN_AUGMENTATIONS: Registry[Augment] = Registry("training augmentation")
 TRAIN_AUGMENTATIONS.add("none", _no_augment)
 # Pad-4 random crop then random flip: the standard CIFAR augmentation of AugMix and FAA.
 TRAIN_AUGMENTATIONS.add("standard", random_crop_flip)
+
+
+def cutout_default(
+    x: torch.Tensor, generator: torch.Generator, length: int, fill: torch.Tensor | float = 0.0
+) -> torch.Tensor:
+    """FAA's training cutout (``CutoutDefault`` in kakaobrain/fast-autoaugment FastAutoAugment/data.py,
+    itself DARTS' ``Cutout``): per image an integer centre (row, then column) uniform over the
+    image, and the rows/columns ``[centre - length//2, centre + length//2)`` clipped to the
+    image set to ``fill`` (a scalar or [1,C,1,1]).
+
+    The reference multiplies the *normalised* image by the mask, i.e. paints 0 after
+    normalisation: the normalisation mean in [0,1] units, which is what the trainer passes as
+    ``fill`` (the model's :class:`~ltta.models.layers.Normalize` mean). This is not FAA's
+    ``CutoutAbs`` op (:func:`ltta.transforms.functional.cutout`: grey fill, inclusive corners).
+    """
+    if length <= 0:
+        return x
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n,), device=x.device, generator=generator)
+    cx = torch.randint(0, w, (n,), device=x.device, generator=generator)
+    half = length // 2
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    in_y = (rows[None, :] >= (cy - half).clamp(0, h)[:, None]) & (rows[None, :] < (cy + half).clamp(0, h)[:, None])
+    in_x = (cols[None, :] >= (cx - half).clamp(0, w)[:, None]) & (cols[None, :] < (cx + half).clamp(0, w)[:, None])
+    mask = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # [N,1,H,W]
+    fill_t = fill.to(device=x.device, dtype=x.dtype) if isinstance(fill, torch.Tensor) else fill
+    return torch.where(mask, fill_t, x)
+
+
+# ---------------------------------------------------------------- training modes
+
+#: ``forward(images) -> float32 logits``: the network under autocast, in the training memory format.
+Forward = Callable[[torch.Tensor], torch.Tensor]
+#: ``(forward, prepared images, labels, cfg, generator) -> (loss, logits of the clean images)``.
+ModeLoss = Callable[
+    [Forward, torch.Tensor, torch.Tensor, "TrainConfig", torch.Generator], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+@dataclass(frozen=True)
+class TrainMode:
+    """How one prepared batch (after extra_augment -> crop/flip -> cutout) becomes the SGD loss.
+
+    ``loss(forward, xb, yb, cfg, generator)`` returns ``(loss, logits of the clean batch)``; the
+    clean logits give the training error.
+    """
+
+    loss: ModeLoss
+    needs_extra_augment: bool = False  # the mode is defined by the caller's extra augmentation
+    allows_cutout: bool = True
+
+
+def _cross_entropy_loss(
+    forward: Forward, xb: torch.Tensor, yb: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = forward(xb)
+    return F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing), logits
+
+
+def _augmix_loss(
+    forward: Forward, xb: torch.Tensor, yb: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """google-research/augmix cifar.py ``train``: one forward pass over [clean; aug1; aug2] (3x batch,
+    so batch norm sees all three), cross-entropy on the clean third only, plus
+    ``jsd_weight`` (12) times the JSD of the three predictions."""
+    n = xb.shape[0]
+    with torch.no_grad():  # both AugMix views in one call: independent per-image draws
+        views = augmix(
+            torch.cat([xb, xb]), generator, width=cfg.augmix_width, depth=cfg.augmix_depth, severity=cfg.augmix_severity
+        )
+    logits_clean, logits_aug1, logits_aug2 = forward(torch.cat([xb, views])).split(n)
+    loss = F.cross_entropy(logits_clean, yb, label_smoothing=cfg.label_smoothing)
+    return loss + cfg.jsd_weight * jsd_loss(logits_clean, logits_aug1, logits_aug2), logits_clean
+
+
+#: Training modes by name (TrainConfig.mode).
+TRAIN_MODES: Registry[TrainMode] = Registry("training mode")
+TRAIN_MODES.add("standard", TrainMode(_cross_entropy_loss))
+# AugMix (Hendrycks et al., ICLR 2020): the reference trains without cutout.
+TRAIN_MODES.add("augmix", TrainMode(_augmix_loss, allows_cutout=False))
+# Fast AutoAugment (Lim et al., NeurIPS 2019): the searched policy is the caller's extra_augment.
+TRAIN_MODES.add("policy", TrainMode(_cross_entropy_loss, needs_extra_augment=True))
 
 CHECKPOINT_FORMAT = 1
 # Settings that change nothing the optimiser sees, so a run may resume under different values.
@@ -78,6 +169,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the forward/backward
     seed: int = 0  # data order, augmentation draws and dropout
     eval_batch_size: int = 1024
+    mode: str = "standard"  # a name in TRAIN_MODES: standard, augmix, policy
+    cutout: int = 0  # side in px of FAA's training cutout after crop/flip (FAA WRN-40-2: 16), 0: off
+    jsd_weight: float = 12.0  # augmix: weight of the Jensen-Shannon consistency term (reference: 12)
+    augmix_width: int = 3  # augmix: chains mixed per image (reference --mixture-width 3)
+    augmix_depth: int = -1  # augmix: ops per chain, -1: uniform in {1, 2, 3} (reference --mixture-depth -1)
+    augmix_severity: int = 3  # augmix: op levels uniform in [0.1, severity] of 10 (reference --aug-severity 3)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -131,6 +228,34 @@ class TrainConfig:
         need(
             is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
             f"eval_batch_size must be an integer >= 1 (got {self.eval_batch_size!r})",
+        )
+        need(
+            self.mode in TRAIN_MODES,
+            f"mode {self.mode!r} is unknown; choose one of {', '.join(TRAIN_MODES.names())}",
+        )
+        need(
+            is_int(self.cutout) and self.cutout >= 0,
+            f"cutout must be an integer >= 0 px, 0: off (got {self.cutout!r})",
+        )
+        need(
+            self.cutout == 0 or TRAIN_MODES.get(self.mode).allows_cutout,
+            f"cutout must be 0 in mode {self.mode!r} (its reference recipe has no cutout; got {self.cutout})",
+        )
+        need(
+            is_num(self.jsd_weight) and self.jsd_weight >= 0,
+            f"jsd_weight must be a finite number >= 0 (got {self.jsd_weight!r})",
+        )
+        need(
+            is_int(self.augmix_width) and self.augmix_width >= 1,
+            f"augmix_width must be an integer >= 1 (got {self.augmix_width!r})",
+        )
+        need(
+            is_int(self.augmix_depth) and (self.augmix_depth == -1 or self.augmix_depth >= 1),
+            f"augmix_depth must be -1 (random 1..3 per chain) or an integer >= 1 (got {self.augmix_depth!r})",
+        )
+        need(
+            is_int(self.augmix_severity) and 1 <= self.augmix_severity <= 10,
+            f"augmix_severity must be an integer in [1, 10] (got {self.augmix_severity!r})",
         )
 
 
@@ -244,6 +369,21 @@ def _data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def _policy_digest(policy: Policy) -> str:
+    """The sub-policies (ops, probabilities, levels) as a short hash; the free-form ``meta`` is left out."""
+    ops = [[[op.name, float(op.prob), float(op.level)] for op in sub] for sub in policy.subpolicies]
+    return hashlib.sha256(json.dumps(ops).encode()).hexdigest()[:16]
+
+
+def _cutout_fill(model: nn.Module) -> torch.Tensor | float:
+    """Zero after the model's input normalisation, in [0,1] units: its Normalize mean ([1,C,1,1]),
+    or 0 for a model that normalises nothing (FAA's CutoutDefault masks the normalised image)."""
+    for module in model.modules():
+        if isinstance(module, Normalize):
+            return module.mean.detach().clone()
+    return 0.0
+
+
 def _fingerprint(
     cfg: TrainConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra_augment: Augment | None
 ) -> dict[str, Any]:
@@ -252,10 +392,13 @@ def _fingerprint(
     fields["model_parameters"] = sum(p.numel() for p in model.parameters())
     fields["train_shape"] = list(x.shape)
     fields["train_data"] = _data_digest(x, y)
-    # Which extra augmentation (by type/name; its parameters, e.g. a policy's, are the caller's to pin).
+    # Which extra augmentation (by type/name), and a policy's contents when it carries one (a
+    # CompiledPolicy does); other parameters of a custom augmentation are the caller's to pin.
     fields["extra_augment"] = None if extra_augment is None else getattr(
         extra_augment, "__qualname__", type(extra_augment).__qualname__
     )
+    policy = getattr(extra_augment, "policy", None)
+    fields["extra_augment_policy"] = _policy_digest(policy) if isinstance(policy, Policy) else None
     return json.loads(json.dumps(fields))  # plain JSON types, comparable after a torch.load
 
 
@@ -357,13 +500,22 @@ def train_classifier(
     validation set), ``lr`` (at the epoch's last step), ``images_per_s`` and ``seconds``.
     With ``checkpoint_path`` every finished epoch is saved atomically, and an existing checkpoint
     of the same run is resumed from the epoch after it; ``on_epoch`` runs after each save.
-    ``extra_augment`` (e.g. a searched policy) is applied before the ``cfg.augment`` crop/flip.
+    Each batch is prepared as ``extra_augment`` (e.g. a searched policy; required by mode
+    ``policy``) -> ``cfg.augment`` (crop/flip) -> cutout (``cfg.cutout`` > 0), then ``cfg.mode``
+    turns it into the loss (``augmix``: clean + two AugMix views in one 3x forward pass; the
+    history's loss is then CE + jsd_weight * JSD, its error and images/s count clean images).
     """
     _check_inputs(model, x_train, y_train, "train")
     if (x_val is None) != (y_val is None):
         raise ValueError("pass both x_val and y_val, or neither")
     if x_val is not None and y_val is not None:
         _check_inputs(model, x_val, y_val, "val")
+    mode = TRAIN_MODES.get(cfg.mode)
+    if mode.needs_extra_augment and extra_augment is None:
+        raise ValueError(
+            f"TrainConfig.mode {cfg.mode!r} trains with an augmentation policy, but no extra_augment was given; pass "
+            f"extra_augment=CompiledPolicy(load_policy(path), device) (ltta.transforms.policy), or use mode 'standard'."
+        )
     device = _model_device(model)
     n = x_train.shape[0]
     batch_size = min(cfg.batch_size, n)
@@ -372,7 +524,9 @@ def train_classifier(
     steps_per_epoch = n // batch_size
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    augment = TRAIN_AUGMENTATIONS.get(cfg.augment)
+    prepare = _batch_preparation(
+        extra_augment, TRAIN_AUGMENTATIONS.get(cfg.augment), cfg.cutout, _cutout_fill(model) if cfg.cutout else 0.0
+    )
     y_train = y_train.long()
     y_val = y_val.long() if y_val is not None else None
 
@@ -424,7 +578,7 @@ def train_classifier(
             for epoch in bar:
                 record = _train_epoch(
                     net, optimizer, scheduler, x_train, y_train, cfg, epoch, steps_per_epoch, batch_size,
-                    generator, augment, extra_augment, channels_last,
+                    generator, prepare, mode, channels_last,
                 )  # fmt: skip
                 if x_val is not None and y_val is not None:
                     val = evaluate_classifier(model, x_val, y_val, cfg.eval_batch_size, cfg.amp)
@@ -457,6 +611,22 @@ def train_classifier(
     return history
 
 
+def _batch_preparation(
+    extra_augment: Augment | None, augment: Augment, cutout: int, fill: torch.Tensor | float
+) -> Augment:
+    """FAA's order: policy (extra_augment) -> crop/flip (augment) -> cutout."""
+
+    def prepare(xb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if extra_augment is not None:
+            xb = extra_augment(xb, generator)
+        xb = augment(xb, generator)
+        if cutout > 0:
+            xb = cutout_default(xb, generator, cutout, fill)
+        return xb
+
+    return prepare
+
+
 def _train_epoch(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -468,8 +638,8 @@ def _train_epoch(
     steps: int,
     batch_size: int,
     generator: torch.Generator,
-    augment: Augment,
-    extra_augment: Augment | None,
+    prepare: Augment,
+    mode: TrainMode,
     channels_last: bool,
 ) -> dict[str, Any]:
     """One pass; per-step losses stay on the device and are read once at the end (no per-step sync)."""
@@ -479,19 +649,19 @@ def _train_epoch(
     step_losses = torch.empty(steps, dtype=torch.float32, device=device)
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     lr_used = optimizer.param_groups[0]["lr"]
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with _autocast(device, cfg.amp):
+            return net(images.contiguous(memory_format=fmt)).float()
+
     t0 = time.perf_counter()
     order = torch.randperm(x.shape[0], device=device, generator=generator)
     for step in range(steps):
         idx = order[step * batch_size : (step + 1) * batch_size]
         with torch.no_grad():
-            xb = x[idx]
-            if extra_augment is not None:
-                xb = extra_augment(xb, generator)
-            xb = augment(xb, generator).contiguous(memory_format=fmt)
+            xb = prepare(x[idx], generator)
         yb = y[idx]
-        with _autocast(device, cfg.amp):
-            logits = net(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+        loss, logits = mode.loss(forward, xb, yb, cfg, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip_norm is not None:
