@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, (_module, help_text) in STAGE_COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+        if name == "search-policy":
+            sp.add_argument("--worker", action="store_true",
+                            help="only run trials against search_policy.storage (start several, then the plain command)")
     cp = sub.add_parser(
         "params",
         help="compose params.yaml from conf/ (profiles and overrides), validate, write it",
@@ -77,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.params}: valid (profile {params.profile})")
             return 0
         module = importlib.import_module(f"ltta.stages.{STAGE_COMMANDS[args.command][0]}")
-        module.run(params)
+        module.run(params, **({"worker": True} if getattr(args, "worker", False) else {}))
         return 0
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -17,24 +17,33 @@ and ``FastAutoAugment/data.py``:
   names (``remove_deplicates``), and all of them form the final policy. The reference repeats
   the fold loop ``range(1)`` times (the paper: T=2): ``repeats``.
 
-Trials live in an Optuna study per (repeat, fold); with an RDB ``storage`` (e.g.
-``sqlite:///search.db``) a killed search resumes from its completed trials, and several worker
-processes can run :func:`run_fold_trials` on the same study.
+This module holds the pieces: folds, the search space, the score, the trial loop of one study
+(:func:`run_fold_trials`, safe to run from several processes on one shared study) and the
+merge. :mod:`ltta.search.worker` runs the whole search (``search_policy``), in one process or
+spread over workers that share an RDB storage (:mod:`ltta.search.storage`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import optuna
 import torch
-from optuna.study import MaxTrialsCallback
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from sklearn.model_selection import StratifiedShuffleSplit
 from torch import nn
 
+from ltta.search.sampler import TrialSeededTPESampler
 from ltta.transforms.functional import random_crop_flip
 from ltta.transforms.ops import op_names
 from ltta.transforms.policy import (
@@ -50,6 +59,8 @@ TrainFn = Callable[[torch.Tensor, torch.Tensor, int], nn.Module]
 Evaluate = Callable[[Policy, int], float]  # (candidate policy, trial number) -> reward
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 OnTrial = Callable[[int, int, float], None]  # (fold, trial number, score)
+
+_log = logging.getLogger(__name__)
 
 
 def fold_splits(y: torch.Tensor | np.ndarray, num_folds: int, fold_ratio: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -132,6 +143,37 @@ def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
+def logical_trial_number(trial: FrozenTrial) -> int:
+    """The trial's slot: its own number, or, for a retry of a killed worker's trial, the original's.
+
+    ``RetryHeartbeatStaleTrialCallback`` records the first failed trial of a retry chain in the
+    ``failed_trial`` system attribute; the retry has the same parameters and, scored with the
+    original number's seed, the same score the killed trial would have had.
+    """
+    return int(trial.system_attrs.get("failed_trial", trial.number))
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, stored on every trial it runs (``user_attrs["worker"]``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_COUNTED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+
+
+def trial_counts(study: optuna.Study) -> tuple[int, int]:
+    """(completed, running) trials of the study; a slot is free while their sum is below the budget."""
+    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+    return states[TrialState.COMPLETE], states[TrialState.RUNNING]
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail (and, with :func:`ltta.search.storage.make_storage`, requeue) trials of dead workers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def run_fold_trials(
     study: optuna.Study,
     evaluate: Evaluate,
@@ -140,36 +182,103 @@ def run_fold_trials(
     num_policies: int = 5,
     num_ops: int = 2,
     on_trial: Callable[[int, float], None] | None = None,
+    wait: bool = True,
+    poll_interval: float = 1.0,
 ) -> int:
-    """Run trials on ``study`` until it holds ``n_trials`` completed ones; return how many ran here.
+    """Run trials on ``study`` until it holds ``n_trials`` completed ones; return how many completed here.
 
-    Safe to call from several processes on one shared-storage study: each stops once the study
-    as a whole reaches ``n_trials`` completed trials (Optuna's ``MaxTrialsCallback``).
-    ``on_trial(trial_number, score)`` runs after each trial is stored.
+    Safe to call from several processes on one shared-storage study, and never overshoots:
+
+    * a trial starts only while completed + running trials < ``n_trials``;
+    * two workers can still pass that check together, so a trial first counts the trials
+      numbered below it that are completed, running or queued: if there are already
+      ``n_trials`` it is *surplus*, and ends PRUNED (``user_attrs["surplus"]``) before sampling
+      anything. Numbers are handed out in creation order by the storage, so of any n+1 trials
+      that could complete, the highest-numbered one sees the other n below it: at most
+      ``n_trials`` ever complete.
+
+    When every open slot is held by another worker's running trial: with ``wait`` poll every
+    ``poll_interval`` s (failing and requeueing the trials of workers whose heartbeat stopped,
+    see :mod:`ltta.search.storage`) until the study is done; without, return. A retried trial
+    is scored under its original number (:func:`logical_trial_number`).
+    ``on_trial(trial_number, score)`` runs after each trial completed here is stored.
     """
-    before = len(completed_trials(study))
-    remaining = n_trials - before
-    if remaining <= 0:
-        return 0
+    me = worker_id()
+    ran = 0
 
     def objective(trial: optuna.Trial) -> float:
-        return float(evaluate(suggest_policy(trial, num_policies, num_ops), trial.number))
+        counted = study.get_trials(deepcopy=False, states=_COUNTED)
+        if sum(t.number < trial.number for t in counted) >= n_trials:
+            trial.set_user_attr("surplus", True)
+            raise optuna.TrialPruned(f"surplus: {n_trials} trials were already done or running")
+        frozen = next(t for t in counted if t.number == trial.number)
+        trial.set_user_attr("worker", me)
+        return float(evaluate(suggest_policy(trial, num_policies, num_ops), logical_trial_number(frozen)))
 
-    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
-        MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))
-    ]
-    if on_trial is not None:
+    def count(_: optuna.Study, trial: FrozenTrial) -> None:
+        nonlocal ran
+        if trial.state == TrialState.COMPLETE and trial.value is not None:
+            ran += 1
+            if on_trial is not None:
+                on_trial(logical_trial_number(trial), float(trial.value))
 
-        def report(_: optuna.Study, trial: FrozenTrial) -> None:
-            if trial.state == TrialState.COMPLETE and trial.value is not None:
-                on_trial(trial.number, float(trial.value))
+    waiting_logged = False
+    while True:
+        done, running = trial_counts(study)
+        if done >= n_trials:
+            return ran
+        if done + running >= n_trials:
+            if not wait:
+                return ran
+            if not waiting_logged:
+                _log.info("%s: waiting for %d trial(s) running in other workers", study.study_name, running)
+                waiting_logged = True
+            time.sleep(poll_interval)
+            fail_stale_trials(study)
+            continue
+        try:
+            study.optimize(objective, n_trials=1, callbacks=[count], gc_after_trial=False)
+        except UpdateFinishedTrialError:
+            # this process went silent past the grace period (e.g. suspended): its trial was
+            # failed and requeued for another worker, so its result is dropped, not stored twice
+            _log.warning("%s: a trial of this worker was taken over by another; continuing", study.study_name)
 
-        callbacks.append(report)
-    study.optimize(objective, n_trials=remaining, callbacks=callbacks, gc_after_trial=False)
-    return len(completed_trials(study)) - before
+
+def open_fold_study(
+    storage: str | BaseStorage | None,
+    study_name: str,
+    repeat: int,
+    fold: int,
+    seed: int,
+    settings: dict[str, Any] | None = None,
+) -> optuna.Study:
+    """Create or load the study of ``(repeat, fold)``: ``{study_name}-r{repeat}-f{fold}``.
+
+    ``settings`` (what a stored trial's score depends on) are recorded in a new study; loading
+    a study recorded with other settings raises, so a worker started with different params
+    cannot mix its trials into the search.
+    """
+    name = f"{study_name}-r{repeat}-f{fold}"
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        sampler=TrialSeededTPESampler(seed=seed + 1000 * repeat + fold),
+        direction="maximize",
+        load_if_exists=True,
+    )
+    if settings is not None:
+        stored = study.user_attrs.get("settings")
+        if stored is None:
+            study.set_user_attr("settings", settings)
+        elif stored != settings:
+            raise ValueError(
+                f"study {name!r} in the search storage was run with settings {stored}, not {settings}; "
+                "point search_policy.storage at a new database (or delete the old one) to search again"
+            )
+    return study
 
 
-def _eval_seed(seed: int, repeat: int, fold: int, trial_number: int) -> int:
+def trial_eval_seed(seed: int, repeat: int, fold: int, trial_number: int) -> int:
     """A per-trial seed for the augmentation draws, so a score never depends on trial order."""
     return int(np.random.SeedSequence([seed, repeat, fold, trial_number]).generate_state(1)[0])
 
@@ -178,107 +287,33 @@ def _subpolicy_json(policy: Policy) -> list[list[dict[str, Any]]]:
     return policy_to_dict(policy)["subpolicies"]
 
 
-def search_policy(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    train_fn: TrainFn,
-    num_folds: int = 5,
-    fold_ratio: float = 0.4,
-    num_trials: int = 200,
-    num_policies: int = 5,
-    num_ops: int = 2,
-    top_n: int = 10,
-    repeats: int = 1,
-    seed: int = 0,
-    batch_size: int = 512,
-    device: torch.device | str | None = None,
-    on_trial: OnTrial | None = None,
-    storage: str | None = None,
-    study_name: str = "ltta-faa",
-    post_augment: Augment | None = random_crop_flip,
-) -> tuple[Policy, list[dict[str, Any]]]:
-    """Search a Fast AutoAugment policy on images ``x`` (float [N,C,H,W] in [0,1]) and labels ``y``.
+def merge_trials(
+    studies: dict[tuple[int, int], optuna.Study], *, num_policies: int, num_ops: int, top_n: int
+) -> tuple[list[SubPolicy], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The final sub-policies, the trial history and per-fold statistics of finished studies.
 
-    ``train_fn(x_dm, y_dm, fold)`` trains and returns a model on a fold's D_M (taking images in
-    [0,1]); it is called only for folds whose study still lacks trials, so a resumed search with
-    every fold complete trains nothing (make ``train_fn`` checkpoint to resume inside a fold's
-    training). Studies are named ``{study_name}-r{repeat}-f{fold}`` in ``storage`` (None: in
-    memory). ``on_trial(fold, trial_number, score)`` reports progress.
-
-    Returns the final policy (``meta`` records the settings and per-fold scores) and the history
-    of every completed trial: ``{"repeat", "fold", "trial", "score", "subpolicies"}``.
+    ``studies`` maps ``(repeat, fold)`` to its study. In the reference's order (repeats outer,
+    folds inner) the top ``top_n`` completed trials of each study give their sub-policies,
+    de-duplicated within each trial by op names. Trials are identified by
+    :func:`logical_trial_number` (ties in score go to the lower number), so a search where a
+    killed worker's trial was retried merges exactly as one where it was not.
     """
-    if x.dim() != 4 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x must be [N,C,H,W] with one label per image; got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not 0.0 < fold_ratio < 1.0:
-        raise ValueError(f"fold_ratio (the D_A share) must lie in (0, 1), got {fold_ratio}")
-    for name, value in (("num_folds", num_folds), ("num_trials", num_trials), ("num_policies", num_policies),
-                        ("num_ops", num_ops), ("top_n", top_n), ("repeats", repeats), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    dev = torch.device(device) if device is not None else x.device
-    splits = fold_splits(y, num_folds, fold_ratio, seed)
-
-    studies: dict[tuple[int, int], optuna.Study] = {}
-    for fold, (dm_idx, da_idx) in enumerate(splits):
-        model: nn.Module | None = None
-        x_da = x[torch.as_tensor(da_idx, device=x.device)]
-        y_da = y[torch.as_tensor(da_idx, device=y.device)]
-        for repeat in range(repeats):
-            study = optuna.create_study(
-                study_name=f"{study_name}-r{repeat}-f{fold}",
-                storage=storage,
-                sampler=optuna.samplers.TPESampler(seed=seed + 1000 * repeat + fold),
-                direction="maximize",
-                load_if_exists=True,
-            )
-            studies[(repeat, fold)] = study
-            if len(completed_trials(study)) >= num_trials:
-                continue
-            if model is None:
-                dm = torch.as_tensor(dm_idx, device=x.device)
-                model = train_fn(x[dm], y[torch.as_tensor(dm_idx, device=y.device)], fold).to(dev)
-            fold_model = model
-
-            def evaluate(policy: Policy, trial_number: int, _r: int = repeat, _f: int = fold) -> float:
-                gen = torch.Generator(device=dev).manual_seed(_eval_seed(seed, _r, _f, trial_number))
-                return policy_score(
-                    fold_model, x_da, y_da, policy, generator=gen, num_copies=num_policies,
-                    batch_size=batch_size, post_augment=post_augment,
-                )
-
-            report = None if on_trial is None else (lambda num, score, _f=fold: on_trial(_f, num, score))
-            run_fold_trials(study, evaluate, num_trials, num_policies=num_policies, num_ops=num_ops, on_trial=report)
-        del model
-
     final: list[SubPolicy] = []
     history: list[dict[str, Any]] = []
     fold_stats: list[dict[str, Any]] = []
-    for repeat in range(repeats):  # reference order: repeats outer, folds inner
-        for fold in range(num_folds):
-            trials = sorted(completed_trials(studies[(repeat, fold)]), key=lambda t: t.number)
-            for t in trials:
-                history.append({
-                    "repeat": repeat, "fold": fold, "trial": t.number, "score": float(t.value),
-                    "subpolicies": _subpolicy_json(trial_policy(t, num_policies, num_ops)),
-                })
-            best = sorted(trials, key=lambda t: (-float(t.value), t.number))[:top_n]
-            for t in best:
-                final.extend(remove_duplicate_subpolicies(trial_policy(t, num_policies, num_ops).subpolicies))
-            fold_stats.append({
-                "repeat": repeat, "fold": fold, "trials": len(trials),
-                "best_score": float(best[0].value) if best else None,
-                "top_n_mean_score": float(np.mean([t.value for t in best])) if best else None,
+    for (repeat, fold), study in sorted(studies.items()):
+        trials = sorted(completed_trials(study), key=logical_trial_number)
+        for t in trials:
+            history.append({
+                "repeat": repeat, "fold": fold, "trial": logical_trial_number(t), "score": float(t.value),
+                "subpolicies": _subpolicy_json(trial_policy(t, num_policies, num_ops)),
             })
-    if not final:
-        raise RuntimeError("the search finished without a completed trial; check the trial errors above")
-    meta = {
-        "method": "fast-autoaugment",
-        "reference": "kakaobrain/fast-autoaugment FastAutoAugment/search.py",
-        "num_images": int(x.shape[0]),
-        "num_folds": num_folds, "fold_ratio": fold_ratio, "num_trials": num_trials,
-        "num_policies": num_policies, "num_ops": num_ops, "top_n": top_n, "repeats": repeats, "seed": seed,
-        "folds": fold_stats,
-    }
-    return Policy(final, meta), history
+        best = sorted(trials, key=lambda t: (-float(t.value), logical_trial_number(t)))[:top_n]
+        for t in best:
+            final.extend(remove_duplicate_subpolicies(trial_policy(t, num_policies, num_ops).subpolicies))
+        fold_stats.append({
+            "repeat": repeat, "fold": fold, "trials": len(trials),
+            "best_score": float(best[0].value) if best else None,
+            "top_n_mean_score": float(np.mean([t.value for t in best])) if best else None,
+        })
+    return final, history, fold_stats

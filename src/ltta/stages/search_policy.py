@@ -3,11 +3,16 @@
 Outputs: ``policies/faa.json`` (the merged top sub-policies, read by ``evaluate`` as the static
 TTA policy and by ``train_target`` in policy mode), ``metrics/search.json`` and
 ``plots/search_trials.csv`` (score by trial and fold).
+
+``ltta search-policy --worker`` (``run(..., worker=True)``) only runs trials against the shared
+``search_policy.storage`` and writes nothing else; start several, then the plain command, which
+joins them, waits for every fold's trials and writes the outputs (see ``ltta.search.worker``).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import optuna
@@ -19,7 +24,7 @@ from ltta.data import subsample_stratified
 from ltta.io import atomic_path, load_npz, write_json
 from ltta.models import build_model
 from ltta.runtime import resolve_device, seed_everything, to_float_nchw
-from ltta.search import search_policy
+from ltta.search import default_model_cache, run_search_worker, search_policy
 from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.train_target import model_kwargs
 from ltta.training.target import TrainConfig, train_classifier
@@ -31,8 +36,11 @@ STAGE = "search_policy"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def run(params: Params, paths: Paths = Paths()) -> None:
+def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
     s, t = params.search_policy, params.train_target
+    if worker and s.storage is None:
+        raise ValueError("--worker needs a shared search_policy.storage "
+                         "(e.g. sqlite:///policies/faa_search.db) in params.yaml")
     device = resolve_device(params.device)
     seed_everything(params.seed)
     train = load_npz(paths.prepared / "train.npz", required=("x", "y"))
@@ -60,12 +68,25 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         rows.append({"fold": fold, "trial": trial, "score": score})
         tracking.log_metrics({f"fold{fold}_score": score}, step=trial)
 
+    # Fold models are cached beside a SQLite storage (trained once, shared by workers), keyed by what shapes them.
+    cache_key = hashlib.sha256(json.dumps(
+        [t.arch, kwargs, t.batch_size, t.lr, t.weight_decay, t.amp, t.channels_last, s.epochs, params.seed],
+        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    search_kwargs = dict(
+        train_fn=train_fold_model, num_folds=s.folds, fold_ratio=s.fold_ratio, num_trials=s.trials,
+        num_policies=s.policies, num_ops=s.ops, repeats=s.repeats, seed=params.seed, device=device,
+        storage=s.storage, model_cache=default_model_cache(s.storage), cache_key=cache_key,
+    )
+    if worker:  # no outputs, no MLflow run: the plain command merges and records everything
+        ran: list[int] = []
+        run_search_worker(x, y, on_trial=lambda fold, trial, score: ran.append(trial), wait=False, **search_kwargs)
+        print(f"search worker: {len(ran)} trials run here; nothing left to start in {s.storage}")
+        return
+
     with mlflow_stage(STAGE, params, ("search_policy",)):
-        policy, history = search_policy(
-            x, y, train_fn=train_fold_model, num_folds=s.folds, fold_ratio=s.fold_ratio, num_trials=s.trials,
-            num_policies=s.policies, num_ops=s.ops, top_n=s.top_n, repeats=s.repeats, seed=params.seed,
-            device=device, on_trial=on_trial, storage=s.storage,
-        )
+        policy, history = search_policy(x, y, top_n=s.top_n, on_trial=on_trial, **search_kwargs)
+        # Every stored trial (other workers' and earlier runs' too), not only this process's.
+        rows = [{"fold": h["fold"], "trial": h["trial"], "score": h["score"]} for h in history]
         save_policy(paths.policy, policy)
         with atomic_path(paths.plots / "search_trials.csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["fold", "trial", "score"])

@@ -1,0 +1,133 @@
+"""Fold models shared between search workers through files, so each is trained once.
+
+Every worker needs the model trained on a fold's D_M before it can score trials on that fold.
+The first worker to reach a fold *claims* it (a lock file created with ``O_EXCL``), trains, and
+saves the model atomically; the others skip to a fold nobody is training, or wait, and then load
+the saved file. A claim is kept alive by touching the lock file every ``beat`` seconds while the
+model trains; a lock not touched for ``stale_after`` seconds, or held by a process on this host
+that no longer exists, belongs to a killed worker and is taken over.
+
+Waiting on a live claim (rather than every worker training every fold) is what lets N workers
+train N folds at once. The rare race when two workers take over the same stale lock only costs
+a duplicate training: the model files are written atomically and keyed by everything that
+determines them, so either copy is the same model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ltta.io import save_torch
+
+
+def data_digest(*tensors: torch.Tensor | np.ndarray) -> str:
+    """SHA-256 of the tensors' bytes and shapes (a fold model is only reused on identical data)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        arr = t.detach().cpu().contiguous().numpy() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FoldModelCache:
+    """Fold models under ``directory``, named ``fold{f}-{key}.pt``.
+
+    ``key`` must change whenever the trained model would (training settings, data, fold
+    split); :func:`data_digest` and the caller's parameter hash make it.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, stale_after: float = 120.0, beat: float = 5.0) -> None:
+        if not 0 < beat < stale_after:
+            raise ValueError(f"need 0 < beat < stale_after, got beat={beat}, stale_after={stale_after}")
+        self.directory = Path(directory)
+        self.stale_after = stale_after
+        self.beat = beat
+        self._me = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def path(self, fold: int, key: str) -> Path:
+        return self.directory / f"fold{fold}-{key}.pt"
+
+    def load(self, fold: int, key: str, device: torch.device) -> nn.Module | None:
+        """The cached model of ``fold`` on ``device``, or None if no worker has saved it yet."""
+        path = self.path(fold, key)
+        if not path.exists():
+            return None
+        try:  # a whole pickled module, written by this class: weights_only cannot rebuild it
+            model = torch.load(path, map_location=device, weights_only=False)
+        except Exception as exc:
+            raise RuntimeError(f"cached fold model {path} is unreadable ({exc}); delete it to retrain") from exc
+        return model.eval()
+
+    def save(self, fold: int, key: str, model: nn.Module) -> None:
+        save_torch(self.path(fold, key), model)
+
+    def _lock_is_stale(self, lock: Path) -> bool:
+        try:
+            age = time.time() - lock.stat().st_mtime
+            holder = json.loads(lock.read_text() or "{}")
+        except FileNotFoundError:
+            return False  # released meanwhile: not stale, simply free
+        except (OSError, ValueError):
+            return False  # being written right now
+        if holder.get("host") == self._me["host"] and isinstance(holder.get("pid"), int):
+            if not _pid_alive(holder["pid"]):
+                return True
+        return age > self.stale_after
+
+    @contextlib.contextmanager
+    def claim(self, fold: int, key: str) -> Iterator[bool]:
+        """Try to claim the training of ``fold``; yields whether this process holds the claim.
+
+        While held, a thread keeps the lock fresh; leaving the block releases it.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock = self.path(fold, key).with_suffix(".lock")
+        if lock.exists() and self._lock_is_stale(lock):
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            yield False
+            return
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({**self._me, "since": time.time()}))
+        stop = threading.Event()
+
+        def keep_fresh() -> None:
+            while not stop.wait(self.beat):
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(lock)
+
+        beater = threading.Thread(target=keep_fresh, name=f"fold{fold}-claim", daemon=True)
+        beater.start()
+        try:
+            yield True
+        finally:
+            stop.set()
+            beater.join()
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
