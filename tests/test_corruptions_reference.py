@@ -1,0 +1,159 @@
+"""ltta's corruptions against the reference generator of CIFAR-10-C itself.
+
+The reference (hendrycks/robustness ``ImageNet-C/create_c/make_cifar_c.py``) is not in the
+repository: set ``LTTA_ROBUSTNESS_CREATE_C`` to a checkout's ``ImageNet-C/create_c`` folder (or the
+checkout) and install scikit-image, opencv-python-headless and Wand (+ ImageMagick) to run the
+``reference`` tests; they skip otherwise. The loader's own logic is tested without them.
+The full check, with a classifier and throughput, is ``benchmarks/corruption_reference.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import textwrap
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from benchmarks import corruption_reference as cr
+from ltta.corruptions import corrupt_images, derive_seed
+
+
+def _images() -> np.ndarray:
+    """12 uint8 [32,32,3] images with edges, flat areas and gradients: coloured digits and ramps."""
+    d = np.kron(load_digits().images[:8] / 16.0, np.ones((4, 4)))
+    cols = np.random.default_rng(0).uniform(0.2, 1.0, (8, 3))
+    digits = 0.1 + 0.85 * d[..., None] * cols[:, None, None, :]
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    ramps = np.stack(
+        [
+            np.stack([xx, yy, 1 - xx], -1),
+            np.stack([0.5 + 0.4 * np.sin(6 * xx), 0.5 + 0.4 * np.cos(5 * yy), xx * yy], -1),
+            np.stack([yy, 0.3 + 0 * xx, 0.9 - 0.5 * yy], -1),
+            np.stack([0.5 + 0.45 * np.sign(np.sin(9 * xx)), xx, 0.2 + 0 * xx], -1),
+        ]
+    )
+    return np.round(255 * np.concatenate([digits, ramps]).clip(0, 1)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- the loader, without the reference
+
+
+def test_loader_keeps_definitions_and_drops_the_driver(tmp_path) -> None:
+    script = tmp_path / "make_cifar_c.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            from math import sqrt
+
+            class Box:
+                pass
+
+            Box.tag = 'declared'
+
+            def brightness(x, severity=1):
+                return np.array(x) / 255. + severity + np.float_(0)
+
+            def pixelate(x, severity=1):
+                return np.fromstring(b'ab', np.uint8)
+
+            print('driver ran')
+            d = {}
+            raise SystemExit('the driver must not run')
+            """
+        )
+    )
+    tree = cr._definitions_only(script.read_text(), str(script), keep_wand=True)
+    kinds = [type(node).__name__ for node in tree.body]
+    assert kinds == ["Import", "ImportFrom", "ClassDef", "Assign", "FunctionDef", "FunctionDef"]
+    ref = cr.load_reference(tmp_path)
+    assert ref.script == script
+    # np.float_ and binary np.fromstring come from the shim, whatever NumPy is installed
+    assert ref.functions["brightness"](np.full((2, 2), 255), 2)[0, 0] == 3.0
+    np.testing.assert_array_equal(ref.functions["pixelate"](None), [97, 98])
+    assert "gaussian_noise" in ref.skipped and "brightness" not in ref.skipped
+
+
+def test_loader_names_the_missing_script(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="hendrycks/robustness"):
+        cr.find_reference_script(tmp_path)
+
+
+def test_paired_std_ignores_agreeing_images() -> None:
+    a = np.array([1, 1, 0, 0, 1, 0, 0, 0], bool)
+    assert cr.paired_std_points(a, a) == 0.0
+    b = a.copy()
+    b[0] = False
+    d = a.astype(float) - b
+    assert cr.paired_std_points(a, b) == pytest.approx(100 * d.std(ddof=1) / np.sqrt(8))
+
+
+# ---------------------------------------------------------------- against the reference itself
+
+_DEPS = all(importlib.util.find_spec(m) is not None for m in ("cv2", "skimage", "wand", "torchvision"))
+_DIR = os.environ.get("LTTA_ROBUSTNESS_CREATE_C")
+
+
+@pytest.fixture(scope="module")
+def reference() -> cr.Reference:
+    if not _DEPS:
+        pytest.skip("needs opencv-python-headless, scikit-image and Wand (+ ImageMagick)")
+    if not _DIR:
+        pytest.skip("LTTA_ROBUSTNESS_CREATE_C not set (a hendrycks/robustness checkout's ImageNet-C/create_c)")
+    ref = cr.load_reference(_DIR)
+    if ref.skipped:
+        pytest.skip(f"reference functions unavailable: {ref.skipped}")
+    return ref
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("name", cr.DETERMINISTIC)
+def test_deterministic_corruptions_match_the_reference(reference: cr.Reference, name: str) -> None:
+    # Half the issue's targets. These images have exactly flat areas, where float32 (ours) and
+    # float64 (the reference) land on either side of a level before the truncating cast, so a
+    # flat area can sit one level apart (measured MAD here: <= 0.33, defocus s5; real CIFAR
+    # images: <= 0.04); never more than 2 levels anywhere.
+    x = _images()
+    for s in (1, 5):
+        ref = cr.reference_corrupt(reference.functions[name], x, s, seed=0)
+        ours = corrupt_images(x, name, s, seed=0)
+        assert cr.mean_abs_diff(ours, ref) < cr.MAD_TARGET[name] / 2, (name, s)
+        assert cr.max_abs_diff(ours, ref) <= 2, (name, s)
+
+
+# (name, severities, relative tolerance): 12 images x 3072 values pin the mean |noise| to ~1%
+# for the dense noises; impulse noise hits only c of the values, so it is checked at s5 (7%),
+# where six seeds gave relative differences within 3.5%.
+NOISE_CASES = [
+    ("gaussian_noise", (1, 5), 0.03),
+    ("shot_noise", (1, 5), 0.03),
+    ("speckle_noise", (1, 5), 0.03),
+    ("impulse_noise", (5,), 0.08),
+]
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize(("name", "severities", "tol"), NOISE_CASES)
+def test_noise_perturbation_size_matches_the_reference(
+    reference: cr.Reference, name: str, severities: tuple[int, ...], tol: float
+) -> None:
+    x = _images()
+    for s in severities:
+        seed = derive_seed(0, name, s)
+        ref = cr.mean_abs_diff(cr.reference_corrupt(reference.functions[name], x, s, seed), x)
+        ours = cr.mean_abs_diff(corrupt_images(x, name, s, seed=seed), x)
+        assert abs(ours - ref) / ref < tol, (name, s, ours, ref)
+
+
+@pytest.mark.reference
+def test_elastic_matches_the_reference_on_its_own_draws(reference: cr.Reference) -> None:
+    """Random draws replayed from the reference's NumPy stream: elastic is then pixel-comparable.
+    The rest is OpenCV's warpAffine grid (ours follows 3.4's 1/32-pixel fixed point)."""
+    x = _images()
+    for s in (1, 2, 5):
+        ref = cr.reference_corrupt(reference.functions["elastic_transform"], x, s, seed=7)
+        ours = cr.SHARED_DRAWS["elastic_transform"](x, s, 7)
+        assert cr.mean_abs_diff(ours, ref) < 0.5, s
