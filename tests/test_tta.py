@@ -13,6 +13,7 @@ from ltta.models.loss_predictor import LossPredictor
 from ltta.models.small_cnn import SmallCNN
 from ltta.training.target import predict_proba
 from ltta.transforms.policy import OpSpec, Policy
+from ltta.tta.candidates import grouped_views
 from ltta.tta import (
     PAPER_ACTIONS,
     TTA_METHODS,
@@ -261,6 +262,61 @@ def test_registry_lists_methods(target: SmallCNN) -> None:
         build_method("magic", target)
     with pytest.raises(ValueError, match="predictor"):
         build_method("learned", target)
+
+
+def test_grouped_views_equal_apply_candidate() -> None:
+    """Family-batched views are exactly the per-candidate views, in candidate-grouped rows."""
+    cands = build_candidates(
+        ["identity", "autocontrast+hflip", "zoom:0.8", "zoom:1.2+hflip", "rotate:-20", "rotate:20+hflip",
+         "autocontrast", "sharpness:3", "color:0.5+hflip", "color:2", "brightness:1.5", "identity+hflip"]
+    )
+    x = smooth_images(10, 4)
+    sizes = [3, 2, 0, 4, 1, 5, 2, 0, 3, 1, 2, 4]  # empty groups too
+    image_index = torch.randint(0, 10, (sum(sizes),), generator=torch.Generator().manual_seed(0))
+    views = grouped_views(x, cands, image_index, sizes)
+    start = 0
+    for cand, size in zip(cands, sizes):
+        rows = slice(start, start + size)
+        if size:
+            assert torch.equal(views[rows], apply_candidate(x[image_index[rows]], cand)), cand.name
+        start += size
+    with pytest.raises(ValueError, match="group sizes"):
+        grouped_views(x, cands, image_index, sizes[:-1])
+
+
+def test_per_image_choices_run_the_target_in_full_batches(
+    target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """random / learned score their N x k views in one target call; the values match a per-image loop."""
+    x, y = data[0][:12], data[1][:12]
+    n, k = x.shape[0], 3
+    cands = build_candidates("all")
+    torch.manual_seed(3)
+    predictor = LossPredictor(num_outputs=24, width=4).eval()
+    rand = build_method("random", target, candidates=cands, k=k, generator=torch.Generator().manual_seed(7))
+    learned = build_method("learned", target, candidates=cands, k=k, predictor=predictor)  # counts FLOPs once
+    calls: list[int] = []
+    handle = target.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        out_random = rand.predict(x)
+        assert calls == [n * k]
+        calls.clear()
+        out_learned = learned.predict(x)
+        assert calls == [n * k]
+        calls.clear()
+        build_method("oracle", target, candidates=cands, batch_size=256).predict(x, y)
+        assert calls == [256, n * 24 - 256]  # all 24 candidates' views in full batches
+    finally:
+        handle.remove()
+    sel_random = torch.randint(0, 24, (n, k), generator=torch.Generator().manual_seed(7))  # the same draws
+    for sel, out in ((sel_random, out_random), (learned.selection(x), out_learned)):
+        views = torch.cat([apply_candidate(x[i : i + 1], cands[int(c)]) for i in range(n) for c in sel[i]])
+        manual = predict_proba(target, views).view(n, k, -1).mean(1)  # each image's own k views
+        torch.testing.assert_close(out, manual, atol=1e-6, rtol=1e-5)
+    # A small batch size splits images and views into many slices; the values do not change.
+    gen = torch.Generator().manual_seed(7)
+    small = build_method("random", target, candidates=cands, k=k, generator=gen, batch_size=2)
+    torch.testing.assert_close(small.predict(x), out_random, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.gpu

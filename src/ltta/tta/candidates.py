@@ -58,20 +58,28 @@ class ActionFamily:
     apply: Callable[[torch.Tensor, float | None], torch.Tensor]
     parametrised: bool
     mirror: Callable[[float | None], float | None] = _same
+    #: ``apply`` also takes a per-image magnitude tensor [N]: views of several magnitudes of this
+    #: family are then made in one batched call (:func:`grouped_views`), with the same values.
+    per_image_magnitudes: bool = False
 
 
 def _identity(x: torch.Tensor, m: float | None) -> torch.Tensor:
     return x
 
 
+def _magnitude(m: float | torch.Tensor | None) -> float | torch.Tensor:
+    """A scalar magnitude as a Python float; a per-image tensor [N] passes through."""
+    return m if isinstance(m, torch.Tensor) else float(m)  # type: ignore[arg-type]
+
+
 def _rotate(x: torch.Tensor, m: float | None) -> torch.Tensor:
     # commons.py/eval_l2t.py: torchvision rotate(mirror-expanded image, deg, BICUBIC), centre crop.
-    return TF.rotate(x, float(m), padding_mode="reflection", mode="bicubic")  # type: ignore[arg-type]
+    return TF.rotate(x, _magnitude(m), padding_mode="reflection", mode="bicubic")
 
 
 def _zoom(x: torch.Tensor, m: float | None) -> torch.Tensor:
     # eval_l2t.py: resize the mirror-expanded image by the factor (BICUBIC), centre crop; <1 shrinks.
-    return TF.zoom(x, float(m), padding_mode="reflection", mode="bicubic")  # type: ignore[arg-type]
+    return TF.zoom(x, _magnitude(m), padding_mode="reflection", mode="bicubic")
 
 
 def _autocontrast(x: torch.Tensor, m: float | None) -> torch.Tensor:
@@ -81,26 +89,26 @@ def _autocontrast(x: torch.Tensor, m: float | None) -> torch.Tensor:
 
 def _sharpness(x: torch.Tensor, m: float | None) -> torch.Tensor:
     # ImageEnhance.Sharpness on the mirror-expanded image: border pixels see mirrored neighbours.
-    return TF.sharpness(TF.mirror_pad(x, 1), float(m))[..., 1:-1, 1:-1]  # type: ignore[arg-type]
+    return TF.sharpness(TF.mirror_pad(x, 1), _magnitude(m))[..., 1:-1, 1:-1]
 
 
 def _color(x: torch.Tensor, m: float | None) -> torch.Tensor:
-    return TF.color(x, float(m))  # type: ignore[arg-type]
+    return TF.color(x, _magnitude(m))
 
 
 def _brightness(x: torch.Tensor, m: float | None) -> torch.Tensor:
-    return TF.brightness(x, float(m))  # type: ignore[arg-type]
+    return TF.brightness(x, _magnitude(m))
 
 
 #: Action families by name (the public code's decode letters: n, r, z, c, s, l, b).
 ACTIONS: Registry[ActionFamily] = Registry("test-time action")
 ACTIONS.add("identity", ActionFamily(_identity, parametrised=False))
-ACTIONS.add("rotate", ActionFamily(_rotate, parametrised=True, mirror=_negate))
-ACTIONS.add("zoom", ActionFamily(_zoom, parametrised=True))
+ACTIONS.add("rotate", ActionFamily(_rotate, parametrised=True, mirror=_negate, per_image_magnitudes=True))
+ACTIONS.add("zoom", ActionFamily(_zoom, parametrised=True, per_image_magnitudes=True))
 ACTIONS.add("autocontrast", ActionFamily(_autocontrast, parametrised=False))
-ACTIONS.add("sharpness", ActionFamily(_sharpness, parametrised=True))
-ACTIONS.add("color", ActionFamily(_color, parametrised=True))
-ACTIONS.add("brightness", ActionFamily(_brightness, parametrised=True))
+ACTIONS.add("sharpness", ActionFamily(_sharpness, parametrised=True, per_image_magnitudes=True))
+ACTIONS.add("color", ActionFamily(_color, parametrised=True, per_image_magnitudes=True))
+ACTIONS.add("brightness", ActionFamily(_brightness, parametrised=True, per_image_magnitudes=True))
 
 #: The public code's 12 actions in its order (commons.py ``tta_actions``); index 0 is identity.
 PAPER_ACTIONS: tuple[str, ...] = (
@@ -211,6 +219,57 @@ def apply_candidate(x: torch.Tensor, cand: Candidate) -> torch.Tensor:
     """The view of every image in ``x`` [N,C,H,W] under ``cand`` (one batched call)."""
     out = cand.action(x)
     return TF.hflip(out) if cand.flip else out
+
+
+def grouped_views(
+    x: torch.Tensor, candidates: Sequence[Candidate], image_index: torch.Tensor, group_sizes: Sequence[int]
+) -> torch.Tensor:
+    """Views [M,C,H,W] of chosen images, grouped by candidate: a batched ``apply_candidate`` for many candidates.
+
+    Rows ``offset_c : offset_c + group_sizes[c]`` (offsets: the running sum of the sizes) hold
+    ``apply_candidate(x[image_index[rows]], candidates[c])``. Candidates of one action family run
+    in a single call (one call per magnitude for a family without ``per_image_magnitudes``), and
+    their flips in one more, so the cost is a handful of batched calls whatever the number of
+    candidates, not one call per candidate on a small group. The values equal ``apply_candidate``'s:
+    the same operations on the same images. Index bookkeeping is on the host: no device sync.
+    """
+    if len(group_sizes) != len(candidates):
+        raise ValueError(f"got {len(group_sizes)} group sizes for {len(candidates)} candidates; give one per candidate")
+    total = sum(group_sizes)
+    if image_index.shape != (total,):
+        raise ValueError(
+            f"image_index must have shape [{total}] (the sum of group_sizes), got {tuple(image_index.shape)}"
+        )
+    out = x.new_empty((total, *x.shape[1:]))
+    # (family, magnitude or None when magnitudes are batched) -> [(candidate, first row, rows)]
+    batches: dict[tuple[str, float | None], list[tuple[Candidate, int, int]]] = {}
+    start = 0
+    for cand, size in zip(candidates, group_sizes):
+        if size > 0:
+            fam = ACTIONS.get(cand.action.family)
+            key = (cand.action.family, None if fam.per_image_magnitudes else cand.action.magnitude)
+            batches.setdefault(key, []).append((cand, start, size))
+        start += size
+    for (family, _), members in batches.items():
+        if len(members) == 1:  # one candidate: a contiguous block, no scatter needed
+            cand, first, size = members[0]
+            out[first : first + size] = apply_candidate(x.index_select(0, image_index[first : first + size]), cand)
+            continue
+        members.sort(key=lambda m: m[0].flip)  # unflipped first: the flipped views are one tail block
+        rows = torch.cat([torch.arange(first, first + size) for _, first, size in members]).to(x.device)
+        xs = x.index_select(0, image_index[rows])
+        if ACTIONS.get(family).per_image_magnitudes:
+            mags = torch.cat(
+                [torch.full((size,), float(c.action.magnitude or 0.0), dtype=torch.float32) for c, _, size in members]
+            )
+            views = ACTIONS.get(family).apply(xs, mags.to(x.device))  # type: ignore[arg-type]
+        else:
+            views = members[0][0].action(xs)
+        plain = sum(size for c, _, size in members if not c.flip)
+        out.index_copy_(0, rows[:plain], views[:plain])
+        if plain < len(rows):
+            out.index_copy_(0, rows[plain:], TF.hflip(views[plain:]))
+    return out
 
 
 def identity_index(candidates: Sequence[Candidate]) -> int:

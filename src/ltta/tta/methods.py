@@ -2,9 +2,14 @@
 
 Every method turns images into class probabilities by averaging the target's softmax over its
 views, as kakaobrain/learning-loss-for-tta ``eval_l2t.py`` does (``torch.mean(preds, dim=1)``,
-a plain mean). Views are made in batches on the device; methods that pick views per image
-(``random``, ``learned``, ``oracle``) group images by candidate, so the target runs once per
-distinct candidate per chunk, never once per image.
+a plain mean). Views are made in batches on the device and all views of a chunk go through the
+target together, in full ``batch_size`` batches, rather than one small call per view or per
+candidate (small, variable-size calls leave a GPU idle and, with ``cudnn.benchmark``, re-tune
+the convolutions for every new batch size). Methods that pick views per image (``random``,
+``learned``) make exactly the N x k chosen views (:func:`~ltta.tta.candidates.grouped_views`,
+one host sync per chunk for the group sizes), a fixed number per set size, and scatter their
+probabilities back; that is k passes per image, fewer than the C passes of scoring every
+candidate and gathering. The ``oracle`` needs every candidate's loss, so it runs all C.
 
 ``forward_passes`` is the cost per image in target forward passes. A loss predictor run counts
 as its FLOPs over the target's (both measured with ``torch.utils.flop_counter.FlopCounterMode``
@@ -13,8 +18,9 @@ on one image), so ``learned`` with k views costs ``k + 2 * ratio`` (the image an
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +32,7 @@ import ltta.transforms.functional as TF
 from ltta.registry import Registry
 from ltta.runtime import make_generator
 from ltta.training.target import predict_proba
-from ltta.tta.candidates import Candidate, apply_candidate, build_candidates
+from ltta.tta.candidates import Candidate, build_candidates, grouped_views
 from ltta.tta.scoring import eval_mode, flip_ensemble_probs, module_device
 
 
@@ -68,11 +74,20 @@ class TTAMethod(ABC):
     def _probs(self, view: torch.Tensor) -> torch.Tensor:
         return predict_proba(self.ctx.target, view, batch_size=self.ctx.batch_size, amp=self.ctx.amp)
 
-    def _mean_over_views(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
-        acc = self._probs(views[0])
-        for v in views[1:]:
-            acc = acc + self._probs(v)
-        return acc / len(views)
+    def _mean_over_views(self, views: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Mean softmax over V views (a list of [N,...] or a stacked [V,N,...]), all in one target call.
+
+        Summed view by view in the given order, as a running sum would, so the values do not
+        depend on how the views were batched.
+        """
+        stacked = views.flatten(0, 1) if isinstance(views, torch.Tensor) else torch.cat(list(views))
+        count = views.shape[0] if isinstance(views, torch.Tensor) else len(views)
+        probs = self._probs(stacked)
+        per_view = probs.view(count, probs.shape[0] // count, probs.shape[1])
+        acc = per_view[0]
+        for v in range(1, count):
+            acc = acc + per_view[v]
+        return acc / count
 
     @abstractmethod
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -95,21 +110,58 @@ class TTAMethod(ABC):
         return torch.cat(out)
 
     # -- per-image choices ---------------------------------------------------------------
+    def _scored_rows(
+        self, x: torch.Tensor, image_index: torch.Tensor, sizes: Sequence[int]
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Softmax of ``grouped_views(x, candidates, image_index, sizes)``, ``batch_size`` rows at a time.
+
+        Yields ``(first row, probs [rows,K])``. Views are made batch by batch (not all at once), so
+        their memory is one batch and, on a CPU, the views are still in cache when the target reads them.
+        """
+        for first, last, part in _row_slices(sizes, self.ctx.batch_size):
+            yield first, self._probs(grouped_views(x, self.ctx.candidates, image_index[first:last], part))
+
     def _average_selected(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        """Mean of the target's softmax over the candidates ``sel`` [N,k] of each image."""
+        """Mean of the target's softmax over the candidates ``sel`` [N,k] of each image.
+
+        The N x k views are sorted by candidate (stable, so each image's views stay in
+        candidate order as before), made by :func:`grouped_views` and scored in full batches;
+        a candidate chosen twice for one image (``random`` draws with replacement) is scored twice.
+        """
         n, k = sel.shape
-        c_count = len(self.ctx.candidates)
-        ones = torch.ones_like(sel, dtype=torch.float32)
-        counts = torch.zeros(n, c_count, device=x.device).scatter_add_(1, sel, ones)  # [N,C] times chosen
+        flat = sel.reshape(-1)
+        order = torch.sort(flat, stable=True).indices
+        image_index = order // k  # image of each view, views grouped by candidate
+        sizes = torch.bincount(flat, minlength=len(self.ctx.candidates)).tolist()  # the chunk's one host sync
         acc: torch.Tensor | None = None
-        for c in (counts.sum(0) > 0).nonzero().squeeze(1).tolist():  # distinct candidates only
-            idx = (counts[:, c] > 0).nonzero().squeeze(1)
-            probs = self._probs(apply_candidate(x[idx], self.ctx.candidates[c]))
+        for first, probs in self._scored_rows(x, image_index, sizes):
             if acc is None:
                 acc = torch.zeros(n, probs.shape[1], device=probs.device)
-            acc.index_add_(0, idx, probs * counts[idx, c, None].to(probs.device))
+            acc.index_add_(0, image_index[first : first + probs.shape[0]].to(probs.device), probs)
         assert acc is not None
         return acc / k
+
+    def _all_candidate_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The target's softmax [N,C,K] under every candidate, scored in full batches across candidates."""
+        n, c_count = x.shape[0], len(self.ctx.candidates)
+        image_index = torch.arange(n, device=x.device).repeat(c_count)  # candidate-major rows
+        parts = [probs for _, probs in self._scored_rows(x, image_index, [n] * c_count)]
+        return torch.cat(parts).view(c_count, n, -1).transpose(0, 1)
+
+
+def _row_slices(sizes: Sequence[int], budget: int) -> Iterator[tuple[int, int, list[int]]]:
+    """Split rows grouped by candidate (``sizes`` per candidate) into slices of at most ``budget`` rows.
+
+    Yields ``(first, last, sizes within the slice)``; host arithmetic only.
+    """
+    total = sum(sizes)
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
+    for first in range(0, total, budget):
+        last = min(first + budget, total)
+        part = [max(0, min(hi, last) - max(lo, first)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        yield first, last, part
 
 
 def _generator(ctx: MethodContext) -> torch.Generator:
@@ -173,7 +225,7 @@ class FiveCropTTA(TTAMethod):
         return 5.0
 
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return self._mean_over_views(list(_crops(x, self.ctx.crop_margin)))
+        return self._mean_over_views(_crops(x, self.ctx.crop_margin))
 
 
 @TTA_METHODS.register("ten_crop")
@@ -185,8 +237,8 @@ class TenCropTTA(TTAMethod):
         return 10.0
 
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        crops = list(_crops(x, self.ctx.crop_margin))
-        return self._mean_over_views(crops + [TF.hflip(c) for c in crops])
+        crops = _crops(x, self.ctx.crop_margin)  # [5,N,C,H,W]
+        return self._mean_over_views(torch.cat([crops, TF.hflip(crops)]))
 
 
 @TTA_METHODS.register("random")
@@ -237,12 +289,22 @@ class PolicyTTA(TTAMethod):
         return self._mean_over_views([x] + [apply_subpolicy(x, sub, self.generator) for sub in self.subpolicies])
 
 
+#: FLOPs by model and image size: counting traces a whole forward pass, so each model is counted once.
+_FLOPS_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[int, int]] = weakref.WeakKeyDictionary()
+
+
 def flops_per_image(model: nn.Module, image_size: int) -> int:
-    """FLOPs of one forward pass on one ``image_size`` x ``image_size`` RGB image (eval mode)."""
-    x = torch.zeros(1, 3, image_size, image_size, device=module_device(model))
-    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return int(counter.get_total_flops())
+    """FLOPs of one forward pass on one ``image_size`` x ``image_size`` RGB image (eval mode).
+
+    Cached per model object and size (FLOPs depend on the architecture, not on the weights).
+    """
+    cached = _FLOPS_CACHE.setdefault(model, {})
+    if image_size not in cached:
+        x = torch.zeros(1, 3, image_size, image_size, device=module_device(model))
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        cached[image_size] = int(counter.get_total_flops())
+    return cached[image_size]
 
 
 @TTA_METHODS.register("learned")
@@ -293,7 +355,7 @@ class OracleTTA(TTAMethod):
         assert y is not None
         if self.ctx.k > len(self.ctx.candidates):
             raise ValueError(f"k={self.ctx.k} exceeds the {len(self.ctx.candidates)} candidates")
-        probs = torch.stack([self._probs(apply_candidate(x, c)) for c in self.ctx.candidates], dim=1)  # [N,C,K]
+        probs = self._all_candidate_probs(x)  # [N,C,K]
         yd = y.to(probs.device).long()
         p_true = probs.gather(2, yd[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(2)  # [N,C]
         loss = -torch.log(p_true.clamp_min(torch.finfo(torch.float32).tiny))
