@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ltta.corruptions.base import CORRUPTIONS, check_images
-from ltta.corruptions.severity import IMSIZE, check_severity
+from ltta.corruptions.severity import IMSIZE, SEVERITIES, check_severity
 from ltta.runtime import make_generator, to_float_nchw
 
 
@@ -17,6 +18,46 @@ def corrupt(x: torch.Tensor, name: str, severity: int, generator: torch.Generato
     check_images(x)
     fn = CORRUPTIONS.get(name)
     return fn(x, check_severity(severity), generator)
+
+
+def random_corruptions(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    p: float,
+    names: Sequence[str],
+    severities: Sequence[int] = SEVERITIES,
+) -> torch.Tensor:
+    """Per image, with probability ``p``, one of ``names`` at a severity drawn from ``severities``
+    (both uniform); the corrupted images are truncated to 8-bit levels as the reference stores them.
+
+    This is how kakaobrain/learning-loss-for-tta ``dataloader.py`` (``AugmentedDataset.__getitem__``)
+    corrupts the loss predictor's inputs, and how the study targets (AugMix+, blur in training)
+    see corruptions. Batched: the draws are tensors from ``generator`` (on ``x``'s device) and the
+    loop runs over the few distinct (corruption, severity) cells present, never over images.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must lie in [0, 1], got {p}")
+    bad = [s for s in severities if int(s) not in SEVERITIES]
+    if bad or not severities:
+        raise ValueError(f"severities must be a non-empty subset of {list(SEVERITIES)}, got {list(severities)}")
+    for name in names:
+        CORRUPTIONS.get(name)  # unknown names fail here, listing the known ones
+    if p <= 0 or not names:
+        return x
+    n, dev = x.shape[0], x.device
+    active = torch.rand(n, device=dev, generator=generator) < p
+    which = torch.randint(0, len(names), (n,), device=dev, generator=generator)
+    sev = torch.randint(0, len(severities), (n,), device=dev, generator=generator)
+    cell = torch.where(active, which * len(severities) + sev, torch.full_like(which, -1))
+    out = x.clone()
+    for c in torch.unique(cell).tolist():  # at most len(names) * len(severities) groups
+        if c < 0:
+            continue
+        idx = (cell == c).nonzero().squeeze(1)
+        name, level = names[c // len(severities)], int(severities[c % len(severities)])
+        y = corrupt(x[idx], name, level, generator)
+        out[idx] = truncate_to_uint8(y).permute(0, 3, 1, 2).to(x.dtype) / 255.0
+    return out
 
 
 def truncate_to_uint8(x: torch.Tensor) -> torch.Tensor:

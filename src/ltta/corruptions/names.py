@@ -28,10 +28,12 @@ BENCHMARK: tuple[str, ...] = (
 EXTRA: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 ALL_CORRUPTIONS: tuple[str, ...] = BENCHMARK + EXTRA
 
+# The four families of Hendrycks & Dietterich (ICLR 2019, Figure 1: brightness is a weather
+# corruption), plus the extras; the unseen-corruption studies hold one family out (conf/unseen/).
 FAMILIES: dict[str, tuple[str, ...]] = {
     "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
     "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
-    "weather": ("snow", "frost", "fog"),
-    "digital": ("brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression"),
+    "weather": ("snow", "frost", "fog", "brightness"),
+    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
     "extra": EXTRA,
 }

@@ -72,30 +72,6 @@ def _apply_where(x: torch.Tensor, mag: torch.Tensor, neutral: float, op) -> torc
     return out
 
 
-def _random_corruptions(
-    x: torch.Tensor, gen: torch.Generator, p: float, corruptions: Sequence[str], severities: Sequence[int]
-) -> torch.Tensor:
-    """With probability p per image, a uniformly drawn corruption at a uniformly drawn severity."""
-    if p <= 0 or not corruptions:
-        return x
-    from ltta.corruptions import corrupt, truncate_to_uint8  # the corruption tables load only when needed
-
-    n, dev = x.shape[0], x.device
-    active = torch.rand(n, device=dev, generator=gen) < p
-    which = torch.randint(0, len(corruptions), (n,), device=dev, generator=gen)
-    sev = torch.randint(0, len(severities), (n,), device=dev, generator=gen)
-    cell = torch.where(active, which * len(severities) + sev, torch.full_like(which, -1))
-    out = x.clone()
-    for c in torch.unique(cell).tolist():  # at most len(corruptions) * len(severities) groups
-        if c < 0:
-            continue
-        idx = (cell == c).nonzero().squeeze(1)
-        name, level = corruptions[c // len(severities)], int(severities[c % len(severities)])
-        y = corrupt(x[idx], name, level, gen)
-        out[idx] = truncate_to_uint8(y).permute(0, 3, 1, 2).to(x.dtype) / 255.0
-    return out
-
-
 def predictor_training_inputs(
     x: torch.Tensor,
     generator: torch.Generator,
@@ -123,17 +99,13 @@ def predictor_training_inputs(
     copies = copies_per_image(duplication, flips)
     if not 0.0 <= p_aug <= 1.0:
         raise ValueError(f"p_aug must lie in [0, 1], got {p_aug}")
-    bad = [s for s in severities if int(s) not in (1, 2, 3, 4, 5)]
-    if bad or not severities:
-        raise ValueError(f"severities must be a non-empty subset of 1..5, got {list(severities)}")
-    from ltta.corruptions import CORRUPTIONS
+    from ltta.corruptions import random_corruptions  # the corruption tables load only when needed
 
-    for name in corruptions:
-        CORRUPTIONS.get(name)  # unknown names fail here, listing the known ones
     n, dev = x.shape[0], x.device
     per_flip = FLIP_MODES[flips]
     # Row k*N + i is copy k of image i; copy k belongs to duplicate k // per_flip.
-    out = _random_corruptions(x.repeat(copies, 1, 1, 1), generator, p_aug, corruptions, severities)
+    # random_corruptions checks the names and severities (before any draw).
+    out = random_corruptions(x.repeat(copies, 1, 1, 1), generator, p_aug, corruptions, severities)
     if flips == "both":
         flipped = (torch.arange(copies, device=dev) % 2 == 1).repeat_interleave(n)
         out = torch.where(flipped[:, None, None, None], TF.hflip(out), out)
