@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,9 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "search-policy": ("search_policy", "Fast AutoAugment search (density matching, TPE): a static policy"),
     "evaluate": ("evaluate", "every TTA method on clean and corrupted test sets: metrics, table, plots"),
 }
+
+#: Commands that may run as several processes under ``torchrun`` (data-parallel training).
+DISTRIBUTED_COMMANDS = frozenset({"train-target"})
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -79,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-params":
             print(f"{args.params}: valid (profile {params.profile})")
             return 0
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED_COMMANDS:
+            # Every process would run the whole stage and race on its outputs.
+            print(f"error: {args.command} runs as one process; only {', '.join(sorted(DISTRIBUTED_COMMANDS))} "
+                  f"runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}). Run `ltta {args.command}` directly.",
+                  file=sys.stderr)
+            return EXIT_USAGE
         module = importlib.import_module(f"ltta.stages.{STAGE_COMMANDS[args.command][0]}")
         module.run(params, **({"worker": True} if getattr(args, "worker", False) else {}))
         return 0
