@@ -65,14 +65,18 @@ def results_markdown(
     benchmark: Sequence[str] | None = None,
     extra: Sequence[str] | None = None,
     baseline_method: str | None = None,
+    unseen: Sequence[str] | None = None,
 ) -> str:
     """The paper's table (methods as rows), then error per corruption, under a header of ``meta``.
 
     ``meta`` is rendered in its own order (dataset, target arch, training mode, test images, device,
     date, git commit: whatever the stage passes). Errors and ECE are percentages, NLL in nats.
+    ``unseen`` (the benchmark corruptions held out of training, unseen-corruption study) adds the
+    mean error over the seen and over the unseen ones next to the mean over all.
     """
     benchmark, extra = _groups(results, benchmark, extra)
-    summary = results.summary(benchmark, extra, baseline_method)
+    unseen = list(unseen or [])
+    summary = results.summary(benchmark, extra, baseline_method, unseen)
     sev = _severity_text(results.severities())
     lines = [f"# {title}", ""]
     lines += [f"- **{_escape(k)}**: {_escape(v)}" for k, v in meta.items()]
@@ -85,6 +89,12 @@ def results_markdown(
             if baseline_method
             else ""
         )
+        + (
+            f"Seen / unseen: the same mean over the {len(benchmark) - len(unseen)} benchmark corruptions "
+            f"used in training and over the {len(unseen)} held out of it ({', '.join(unseen)}). "
+            if unseen
+            else ""
+        )
         + "NLL in nats, ECE in % (15 equal-width bins); corrupted NLL/ECE averaged like the error. "
         "Images/s: wall clock over all sets, including synchronisation.",
         "",
@@ -95,6 +105,7 @@ def results_markdown(
         "Method",
         "Clean err.",
         f"Corr. err. ({len(benchmark)})",
+        *([f"Seen err. ({len(benchmark) - len(unseen)})", f"Unseen err. ({len(unseen)})"] if unseen else []),
         f"Extra err. ({len(extra)})",
         f"mCE vs {baseline_method}" if baseline_method else "mCE",
         "Clean NLL",
@@ -111,6 +122,7 @@ def results_markdown(
                 m,
                 _cell(s["clean_error"], ".2f"),
                 _cell(s["mean_corruption_error"], ".2f"),
+                *([_cell(s["seen_error"], ".2f"), _cell(s["unseen_error"], ".2f")] if unseen else []),
                 _cell(s["extra_error"], ".2f"),
                 _cell(s["mce_vs_baseline"], ".1f"),
                 _cell(s["clean_nll"], ".3f"),

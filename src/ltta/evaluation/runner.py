@@ -224,6 +224,7 @@ class EvalResults:
         benchmark: Sequence[str] | None = None,
         extra: Sequence[str] | None = None,
         baseline_method: str | None = None,
+        unseen: Sequence[str] | None = None,
     ) -> dict[str, dict[str, float | None]]:
         """One row per method: the paper's table, plus calibration, cost and throughput.
 
@@ -231,11 +232,20 @@ class EvalResults:
         named explicitly, each must have been evaluated. Means over corruptions follow
         :func:`mean_corruption_error` (per corruption over severities, then over corruptions).
         ``mce_vs_baseline`` is None without a baseline or where the baseline makes no error on a
-        corruption; a value missing for lack of sets is None too.
+        corruption; a value missing for lack of sets is None too. ``unseen`` (benchmark corruptions
+        held out of training: the unseen-corruption study) adds ``seen_error`` and ``unseen_error``,
+        the same mean over the benchmark corruptions outside and inside it.
         """
         default_b, default_e = self.default_groups()
         benchmark = list(default_b if benchmark is None else benchmark)
         extra = list(default_e if extra is None else extra)
+        unseen = list(unseen or [])
+        if not set(unseen) <= set(benchmark):
+            raise ValueError(
+                f"unseen corruptions {sorted(set(unseen) - set(benchmark))} are not among the benchmark corruptions "
+                f"summarised ({benchmark}); the extras are reported apart"
+            )
+        seen = [c for c in benchmark if c not in unseen]
         methods = self.methods()
         if baseline_method is not None and baseline_method not in methods:
             raise ValueError(f"baseline method {baseline_method!r} was not evaluated; evaluated: {methods}")
@@ -262,6 +272,9 @@ class EvalResults:
                 # Aggregate throughput over every set: total images / total seconds.
                 "images_per_s": sum(r.n for r in rows) / total_s,
             }
+            if unseen:
+                out[m]["seen_error"] = mean_corruption_error(err, seen) if seen else None
+                out[m]["unseen_error"] = mean_corruption_error(err, unseen)
         return out
 
     def severity_means(self, method: str, corruptions: Sequence[str]) -> dict[int, float]:
@@ -282,6 +295,7 @@ class EvalResults:
         benchmark: Sequence[str] | None = None,
         extra: Sequence[str] | None = None,
         baseline_method: str | None = None,
+        unseen: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """DVC metrics: ``summary`` per method, and ``errors[method][corruption]`` by severity and mean.
 
@@ -299,7 +313,7 @@ class EvalResults:
             errors[m] = per
         return _round(
             {
-                "summary": self.summary(benchmark, extra, baseline_method),
+                "summary": self.summary(benchmark, extra, baseline_method, unseen),
                 "errors": errors,
                 "counts": {
                     "benchmark_corruptions": len(benchmark),

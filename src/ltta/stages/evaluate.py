@@ -2,7 +2,9 @@
 
 Outputs: ``metrics/eval.json`` (DVC metrics), ``reports/results.md`` (the paper's table layout),
 ``reports/figures/*.png`` and ``plots/eval_severity.csv`` (error by severity per method, wide:
-one column per method, for ``dvc plots``).
+one column per method, for ``dvc plots``). When some benchmark corruptions were held out of all
+training (the unseen-corruption study, ``conf/unseen/``), the table adds the mean error over the
+seen and over the unseen ones.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from ltta import tracking
 from ltta.config import Params
-from ltta.corruptions import read_corruption
+from ltta.corruptions import BENCHMARK, read_corruption
 from ltta.data import subsample_stratified
 from ltta.evaluation import CLEAN, EvalSet, evaluate_methods, results_markdown, severity_plot_rows, write_plots
 from ltta.io import atomic_dir, atomic_path, load_npz, write_json, write_text
@@ -61,6 +63,13 @@ def eval_sets(paths: Paths, params: Params, device: torch.device) -> list[EvalSe
     return sets
 
 
+def unseen_corruptions(params: Params, evaluated: list[str]) -> list[str]:
+    """Evaluated benchmark corruptions that neither the loss predictor's inputs nor the target's
+    training images contained (empty unless a study holds some out; the extras are reported apart)."""
+    trained = set(params.loss_dataset.corruptions) | set(params.train_target.corruptions)
+    return [c for c in BENCHMARK if c in evaluated and c not in trained]
+
+
 def write_severity_csv(path: Any, rows: list[dict[str, Any]], methods: list[str]) -> None:
     """Wide CSV (severity, then one error column per method) so `dvc plots` draws a line per method."""
     table: dict[int, dict[str, Any]] = {}
@@ -92,9 +101,11 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             for name in e.methods
         }
         results = evaluate_methods(methods, eval_sets(paths, params, device), batch_size=e.batch_size)
+        unseen = unseen_corruptions(params, results.corruptions())
         meta = {
             "dataset": meta_data["source"],
             "profile": params.profile,
+            "study": f"{params.study} (unseen family: {params.unseen})",
             "target": f"{params.train_target.arch} ({params.train_target.mode}, {params.train_target.epochs} epochs)",
             "test images": meta_data["n_test"] if e.max_images is None else min(e.max_images, meta_data["n_test"]),
             "candidates": len(candidates),
@@ -103,15 +114,17 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             "date": _dt.date.today().isoformat(),
             "git commit": tracking.git_commit()[:12],
         }
-        write_json(paths.metrics / "eval.json", results.to_json(baseline_method=e.baseline))
+        write_json(paths.metrics / "eval.json", results.to_json(baseline_method=e.baseline, unseen=unseen))
         write_text(
             paths.reports / "results.md",
-            results_markdown(results, title=f"ltta results: {params.profile}", meta=meta, baseline_method=e.baseline),
+            results_markdown(
+                results, title=f"ltta results: {params.profile}", meta=meta, baseline_method=e.baseline, unseen=unseen
+            ),
         )
         with atomic_dir(paths.reports / "figures") as fig_dir:
             figures = write_plots(results, fig_dir)
         write_severity_csv(paths.plots / "eval_severity.csv", severity_plot_rows(results), list(e.methods))
-        summary = results.summary(baseline_method=e.baseline)
+        summary = results.summary(baseline_method=e.baseline, unseen=unseen)
         tracking.log_metrics({f"{m}.{k}": v for m, row in summary.items() for k, v in row.items() if v is not None})
         tracking.log_artifacts(
             [paths.reports / "results.md", paths.metrics / "eval.json", paths.plots / "eval_severity.csv"]
