@@ -1,0 +1,201 @@
+"""The paper's table on a real CIFAR sample, for targets trained each way, with the library alone.
+
+For each training mode (``--modes``: standard, augmix, policy, auxiliary) this trains the target on
+the sample's training part, builds its loss dataset (24 candidates, inputs as the public
+dataloader makes them) and trains a loss predictor on it, then evaluates every TTA method (no
+TTA, flip, 5-crop, random, the static searched policy, learned top-k, the oracle) on the held-out
+part, clean and under all 19 corruptions x 5 severities. It answers, on real images:
+
+* each mode's clean accuracy on a fixed held-out part, and whether AugMix lowers the corruption
+  error against standard training (issue 5);
+* the paper's claim, for each target: learned top-k has a lower mean corruption error than no
+  TTA, flip, 5-crop and random at a similar clean error (issue 6);
+* a target trained with a searched policy against standard training on the same split (issue 7,
+  ``--policy``: e.g. the policy ``benchmarks/search_wallclock.py`` searched on this split).
+
+Recipes: standard and augmix as google-research/augmix ``cifar.py`` (SGD Nesterov, lr 0.1 per-step
+cosine to 1e-6, wd 5e-4, batch 128); policy as kakaobrain/fast-autoaugment's WRN-40-2 conf
+(wd 2e-4, 5-epoch warm-up, cutout 16). ``--epochs`` scales all of them (the sample is small).
+
+Needs torch, numpy, scikit-learn (the splits), tqdm; no DVC / MLflow. Prints the tables and
+writes JSON and Markdown (``--out-dir``).
+
+    python benchmarks/dev_study.py --data cifar10_dev.npz --modes standard augmix --epochs 100 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ltta.corruptions import ALL_CORRUPTIONS, BENCHMARK, EXTRA, corrupt  # noqa: E402
+from ltta.data import loss_predictor_split, stratified_holdout  # noqa: E402
+from ltta.evaluation import CLEAN, EvalSet, evaluate_methods  # noqa: E402
+from ltta.evaluation.report import results_markdown  # noqa: E402
+from ltta.io import write_json  # noqa: E402
+from ltta.models import build_model  # noqa: E402
+from ltta.runtime import make_generator, resolve_device, to_float_nchw  # noqa: E402
+from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
+from ltta.training.target import TRAIN_MODES, TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
+from ltta.transforms.policy import CompiledPolicy, load_policy  # noqa: E402
+from ltta.tta import build_candidates, build_method, candidate_losses, identity_index, predictor_training_inputs  # noqa: E402
+
+#: Per-mode recipe on top of TrainConfig's defaults (see the module docstring for the sources).
+RECIPES: dict[str, dict[str, Any]] = {
+    "standard": {"weight_decay": 5e-4, "min_lr": 1e-6},
+    "augmix": {"weight_decay": 5e-4, "min_lr": 1e-6},
+    "policy": {"weight_decay": 2e-4, "warmup_epochs": 5, "cutout": 16},
+    "auxiliary": {"weight_decay": 5e-4, "min_lr": 1e-6},
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mode_model(arch: str, mode: str, num_classes: int) -> torch.nn.Module:
+    """The architecture as the mode trains it (a mode may wrap it, e.g. with auxiliary heads)."""
+    model = build_model(arch, num_classes=num_classes)
+    prepare = getattr(TRAIN_MODES.get(mode), "prepare_model", None)
+    return prepare(model) if prepare is not None else model
+
+
+def run_mode(
+    mode: str, args: argparse.Namespace, device: torch.device, data: dict[str, Any], sets: list[EvalSet],
+    policy: Any,
+) -> dict[str, Any]:
+    x_tr, y_tr, x_te, y_te, y_tr_np = data["x_tr"], data["y_tr"], data["x_te"], data["y_te"], data["y_tr_np"]
+    torch.manual_seed(0)
+    model = mode_model(args.arch, mode, data["classes"]).to(device)
+    recipe = dict(RECIPES.get(mode, {}))
+    cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.1, mode=mode, compile=args.compile, seed=0,
+                      **{k: v for k, v in recipe.items() if k != "warmup_epochs" or args.epochs > v})
+    extra = CompiledPolicy(policy, device) if TRAIN_MODES.get(mode).needs_extra_augment else None
+    sync(device)
+    t0 = time.perf_counter()
+    hist = train_classifier(model, x_tr, y_tr, cfg, progress=False, extra_augment=extra)
+    sync(device)
+    t_train = time.perf_counter() - t0
+    clean = evaluate_classifier(model, x_te, y_te)
+    print(f"[{mode}] trained {args.epochs} epochs in {t_train:.1f} s; clean test error {100 * clean['error']:.2f}%", flush=True)
+
+    # Loss dataset and predictor, as the build_loss_dataset / train_predictor stages make them.
+    candidates = build_candidates("all")
+    tl, vl = loss_predictor_split(y_tr_np)
+    gen = make_generator(1, device)
+    x_in = predictor_training_inputs(x_tr[tl], gen, duplication=3, p_aug=0.4, corruptions=list(BENCHMARK))
+    y_in = y_tr[tl].repeat(x_in.shape[0] // len(tl))
+    x_v = predictor_training_inputs(x_tr[vl], gen, duplication=1, p_aug=0.4, corruptions=list(BENCHMARK),
+                                    deform=False, flips="none")
+    t0 = time.perf_counter()
+    l_tr, _ = candidate_losses(model, x_in, y_in, candidates, batch_size=1024)
+    l_v, _ = candidate_losses(model, x_v, y_tr[vl], candidates, batch_size=1024)
+    sync(device)
+    t_loss = time.perf_counter() - t0
+    predictor = build_model("loss_predictor", num_outputs=len(candidates), width=args.predictor_width)
+    pcfg = PredictorConfig(epochs=args.predictor_epochs, batch_size=768, seed=0)
+    t0 = time.perf_counter()
+    pred, phist = train_predictor(predictor, x_in, l_tr, x_v, l_v, pcfg, device=device,
+                                  identity_index=identity_index(candidates), progress=False)
+    t_pred = time.perf_counter() - t0
+
+    names = ["none", "flip", "five_crop", "random", "learned", "oracle"] + (["policy"] if policy is not None else [])
+    methods = {m: build_method(m, model, candidates=candidates, k=args.k, predictor=pred, policy=policy,
+                               generator=make_generator(2, device), batch_size=1024, device=device) for m in names}
+    t0 = time.perf_counter()
+    results = evaluate_methods(methods, sets, batch_size=None, progress=False)
+    sync(device)
+    t_eval = time.perf_counter() - t0
+    summary = results.summary(list(BENCHMARK), list(EXTRA), "none")
+    table = results_markdown(results, title=f"{args.arch}, mode {mode}, {args.epochs} epochs (dev sample)",
+                             meta={"data": str(args.data), "mode": mode, "epochs": args.epochs,
+                                   "train images": len(y_tr_np), "test images": int(y_te.shape[0])},
+                             benchmark=list(BENCHMARK), extra=list(EXTRA), baseline_method="none")
+    last = phist[-1]
+    return {
+        "mode": mode, "train_seconds": t_train, "clean_error": float(clean["error"]),
+        "train_images_per_s": float(np.median([h["images_per_s"] for h in hist[1:]] or [hist[0]["images_per_s"]])),
+        "loss_dataset_seconds": t_loss, "predictor_seconds": t_pred, "eval_seconds": t_eval,
+        "predictor": {k: last[k] for k in last if k.startswith("valid_")}, "summary": summary, "markdown": table,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help=".npz with x_train (uint8 NHWC 32x32) and y_train")
+    ap.add_argument("--modes", nargs="+", default=["standard", "augmix"])
+    ap.add_argument("--policy", type=Path, default=None, help="searched policy: trains mode policy, and TTA 'policy'")
+    ap.add_argument("--arch", default="wrn_40_2")
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--test-fraction", type=float, default=0.15)
+    ap.add_argument("--predictor-epochs", type=int, default=30)
+    ap.add_argument("--predictor-width", type=int, default=16)
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out-dir", type=Path, default=Path("dev_study"))
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    for mode in args.modes:
+        if TRAIN_MODES.get(mode).needs_extra_augment and args.policy is None:
+            ap.error(f"mode {mode!r} trains with a policy: pass --policy PATH (a searched policy JSON)")
+    policy = load_policy(args.policy) if args.policy is not None else None
+
+    with np.load(args.data) as z:
+        x_all, y_all = z["x_train"], z["y_train"].astype(np.int64)
+    tr, te = stratified_holdout(y_all, args.test_fraction, seed=0)
+    data = {
+        "x_tr": to_float_nchw(x_all[tr], device), "y_tr": torch.as_tensor(y_all[tr], device=device),
+        "x_te": to_float_nchw(x_all[te], device), "y_te": torch.as_tensor(y_all[te], device=device),
+        "y_tr_np": y_all[tr], "classes": int(y_all.max()) + 1,
+    }  # fmt: skip
+    gen = make_generator(3, device)
+    # The test sets as prepare_data stores them: corrupted, then quantised to uint8 levels.
+    sets = [EvalSet(CLEAN, 0, data["x_te"], data["y_te"])] + [
+        EvalSet(c, s, corrupt(data["x_te"], c, s, gen).clamp(0, 1).mul(255).floor().div(255), data["y_te"])
+        for c in ALL_CORRUPTIONS for s in range(1, 6)
+    ]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "arch": args.arch, "epochs": args.epochs, "n_train": len(tr), "n_test": len(te),
+        "policy": str(args.policy) if args.policy else None, "modes": {},
+    }  # fmt: skip
+    for mode in args.modes:
+        row = run_mode(mode, args, device, data, sets, policy)
+        (args.out_dir / f"results_{mode}.md").write_text(row.pop("markdown"))
+        report["modes"][mode] = row
+        write_json(args.out_dir / "dev_study.json", report)  # after each mode: a cut-off run keeps what it did
+
+    print(f"\n{report['device']} | torch {report['torch']} | {args.arch}, {args.epochs} epochs | "
+          f"train {len(tr)} / test {len(te)} images")
+    print(f"{'mode':<11}{'method':<11}{'clean':>8}{'corr(15)':>10}{'extra(4)':>10}{'NLL':>7}{'ECE':>7}{'passes':>8}")
+    for mode, row in report["modes"].items():
+        for m, s in row["summary"].items():
+            def f(v: Any) -> str:
+                return f"{v:.2f}" if isinstance(v, (int, float)) else "n/a"
+            print(f"{mode:<11}{m:<11}{f(s.get('clean_error')):>8}{f(s.get('mean_corruption_error')):>10}"
+                  f"{f(s.get('extra_error')):>10}{f(s.get('corruption_nll')):>7}{f(s.get('corruption_ece')):>7}"
+                  f"{f(s.get('forward_passes')):>8}")
+        p = row["predictor"]
+        print(f"{mode:<11}train {row['train_seconds']:.0f} s ({row['train_images_per_s']:.0f} img/s), "
+              f"loss dataset {row['loss_dataset_seconds']:.0f} s, predictor {row['predictor_seconds']:.0f} s, "
+              f"eval {row['eval_seconds']:.0f} s; predictor valid: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in p.items() if isinstance(v, float)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
