@@ -24,6 +24,7 @@ from ltta.training.target import (
 )
 from ltta.transforms import functional as TF
 from ltta.transforms.policy import CompiledPolicy, OpSpec, Policy
+from test_training import assert_kill_and_resume_is_exact
 
 
 @pytest.fixture(scope="module")
@@ -149,34 +150,12 @@ def test_augmix_mode_trains_small_cnn(digits) -> None:
 def test_augmix_mode_resumes_exactly(digits, tmp_path: Path) -> None:
     x, y = digits[0][:96], digits[1][:96]
     cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, mode="augmix", seed=5)
-
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(7)
-        return build_model("small_cnn", num_classes=10, width=4)
-
-    reference = fresh()
-    ref_history = train_classifier(reference, x, y, cfg, progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_epoch_2(record: dict) -> None:
-        if record["epoch"] == 2:
-            raise Killed
-
+    build = lambda: build_model("small_cnn", num_classes=10, width=4)  # noqa: E731
     ckpt = tmp_path / "augmix.ckpt"
-    with pytest.raises(Killed):
-        train_classifier(fresh(), x, y, cfg, checkpoint_path=ckpt, on_epoch=kill_after_epoch_2, progress=False)
-    torch.manual_seed(999)  # another process: other global RNG state and other initial weights
-    resumed = build_model("small_cnn", num_classes=10, width=4)
-    history = train_classifier(resumed, x, y, cfg, checkpoint_path=ckpt, progress=False)
-    for key, value in reference.state_dict().items():
-        assert torch.equal(resumed.state_dict()[key], value), key
-    strip = lambda hs: [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in hs]  # noqa: E731
-    assert strip(history) == strip(ref_history)
+    assert_kill_and_resume_is_exact(build, x, y, cfg, ckpt, seed=7)
     # The AugMix settings are part of the run: other ones refuse the checkpoint.
     with pytest.raises(CheckpointMismatchError, match="jsd_weight"):
-        train_classifier(fresh(), x, y, dataclasses.replace(cfg, jsd_weight=1.0), checkpoint_path=ckpt,
+        train_classifier(build(), x, y, dataclasses.replace(cfg, jsd_weight=1.0), checkpoint_path=ckpt,
                          progress=False)  # fmt: skip
 
 
@@ -215,7 +194,7 @@ def test_cutout_default_is_faas_darts_cutout() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"mode": "mixup"}, "mode 'mixup' is unknown; choose one of standard, augmix, policy"),
+        ({"mode": "mixup"}, "mode 'mixup' is unknown; choose one of standard, augmix, policy, auxiliary"),
         ({"mode": "augmix", "cutout": 16}, "cutout must be 0 in mode 'augmix'"),
         ({"cutout": -1}, "cutout must be"),
         ({"augmix_depth": 0}, "augmix_depth must be -1"),
@@ -227,7 +206,7 @@ def test_cutout_default_is_faas_darts_cutout() -> None:
 def test_train_config_rejects_bad_mode_settings(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(epochs=2, **kwargs)
-    assert set(TRAIN_MODES.names()) == {"standard", "augmix", "policy"}
+    assert set(TRAIN_MODES.names()) == {"standard", "augmix", "policy", "auxiliary"}
 
 
 @pytest.mark.gpu

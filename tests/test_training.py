@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,11 +64,18 @@ def test_small_cnn_learns_digits(digits) -> None:
     assert ev["loss"] == pytest.approx(history[-1]["val_loss"])
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run_bitwise(digits, tmp_path: Path) -> None:
-    x, y, _, _ = digits
-    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=3)
+def _strip_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
 
-    reference = _tiny_wrn()
+
+def assert_kill_and_resume_is_exact(
+    build: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, ckpt: Path, seed: int = 123
+) -> tuple[torch.nn.Module, list[dict]]:
+    """An uninterrupted run vs one killed after epoch 2 and resumed from its checkpoint: bitwise equal
+    weights and equal histories. Both runs start from ``build()`` under ``seed``; the resumed model
+    is built under another seed, as a fresh process would. Returns the uninterrupted run (model, history)."""
+    torch.manual_seed(seed)
+    reference = build()
     ref_history = train_classifier(reference, x, y, cfg, progress=False)
 
     class Killed(Exception):
@@ -77,26 +85,36 @@ def test_kill_and_resume_equals_an_uninterrupted_run_bitwise(digits, tmp_path: P
         if record["epoch"] == 2:
             raise Killed
 
-    ckpt = tmp_path / "target.ckpt"
+    torch.manual_seed(seed)
     with pytest.raises(Killed):
-        train_classifier(_tiny_wrn(), x, y, cfg, checkpoint_path=ckpt, on_epoch=kill_after_epoch_2, progress=False)
+        train_classifier(build(), x, y, cfg, checkpoint_path=ckpt, on_epoch=kill_after_epoch_2, progress=False)
     assert torch.load(ckpt, weights_only=True)["epoch"] == 2
 
     torch.manual_seed(999)  # a fresh process would have another global RNG state and other init
-    resumed = build_model("wrn", depth=10, widen_factor=1, num_classes=10, dropout=0.2)
+    resumed = build()
     epochs_run: list[int] = []
     history = train_classifier(
         resumed, x, y, cfg, checkpoint_path=ckpt, progress=False, on_epoch=lambda r: epochs_run.append(r["epoch"])
     )
-    assert epochs_run == [3, 4]
+    assert epochs_run == list(range(3, cfg.epochs + 1))
+    assert list(resumed.state_dict()) == list(reference.state_dict())
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
-    strip = lambda hs: [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in hs]  # noqa: E731
-    assert strip(history) == strip(ref_history)
+    assert _strip_timing(history) == _strip_timing(ref_history)
+    return reference, ref_history
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run_bitwise(digits, tmp_path: Path) -> None:
+    x, y = digits[0], digits[1]
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=3)
+    ckpt = tmp_path / "target.ckpt"
+    build = lambda: build_model("wrn", depth=10, widen_factor=1, num_classes=10, dropout=0.2)  # noqa: E731
+    reference, ref_history = assert_kill_and_resume_is_exact(build, x, y, cfg, ckpt)
 
     # A finished checkpoint: nothing left to run, the same history and weights come back.
     again = _tiny_wrn()
-    assert strip(train_classifier(again, x, y, cfg, checkpoint_path=ckpt, progress=False)) == strip(ref_history)
+    history = train_classifier(again, x, y, cfg, checkpoint_path=ckpt, progress=False)
+    assert _strip_timing(history) == _strip_timing(ref_history)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in reference.state_dict().items())
 
 

@@ -95,15 +95,19 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(c_in, num_classes)
         init_kaiming(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map the classifier pools [N,512,h,w]: the trunk that training-only heads
+        (Auxiliary Training, :mod:`ltta.models.auxiliary`) share."""
         out = self.conv1(self.normalize(x))
         if not self.preact:
             out = F.relu(self.bn1(out))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         if self.preact:
             out = F.relu(self.bn_final(out))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.fc(out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.feature_map(x), 1).flatten(1))
 
 
 @MODELS.register("resnet18")

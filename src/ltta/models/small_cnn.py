@@ -50,9 +50,13 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(4 * width, num_classes)
         init_kaiming(self)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map the classifier pools [N,4*width,h,w]: the trunk that training-only heads
+        (Auxiliary Training, :mod:`ltta.models.auxiliary`) share."""
+        return self.features(self.normalize(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.features(self.normalize(x))
-        return self.fc(self.pool(out).flatten(1))
+        return self.fc(self.pool(self.feature_map(x)).flatten(1))
 
 
 @MODELS.register("small_cnn")

@@ -87,13 +87,16 @@ class WideResNet(nn.Module):
             *[WideBasicBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, dropout) for i in range(n)]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map the classifier pools [N,C,h,w] (after the final BN-ReLU): the trunk that
+        training-only heads (Auxiliary Training, :mod:`ltta.models.auxiliary`) share."""
         out = self.conv1(self.normalize(x))
         out = self.block3(self.block2(self.block1(out)))
-        out = F.relu(self.bn(out))
+        return F.relu(self.bn(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Global average pool (the reference's avg_pool2d(8) at 32x32), any input size.
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.fc(out)
+        return self.fc(F.adaptive_avg_pool2d(self.feature_map(x), 1).flatten(1))
 
 
 @MODELS.register("wrn")

@@ -10,12 +10,16 @@ first, FAA's order: policy -> crop -> flip -> cutout).
 A training *mode* says how a prepared batch becomes a loss (``TRAIN_MODES``): ``standard`` is
 cross-entropy; ``augmix`` adds two AugMix views of each image and AugMix's Jensen-Shannon
 consistency term (:mod:`ltta.training.augmix`); ``policy`` is ``standard`` with a Fast AutoAugment
-policy as the required ``extra_augment`` (usually with ``cutout=16``).
+policy as the required ``extra_augment`` (usually with ``cutout=16``); ``auxiliary`` is Auxiliary
+Training: heads on the shared trunk for augmented copies of each batch, attached for the run and
+dropped after it (:mod:`ltta.training.auxiliary`).
 
 Unlike the references there is no DataLoader: the whole training set is one tensor on the device,
 each epoch is a random permutation drawn from an explicit generator, batches are index slices,
 and augmentation runs batched on the device. Everything random is checkpointed, so a killed run
-resumed from its checkpoint ends bitwise equal to an uninterrupted one (on CPU).
+resumed from its checkpoint ends bitwise equal to an uninterrupted one (on CPU). Under ``torchrun``
+the same loop runs data-parallel (DDP), each process on a shard of every global batch
+(:mod:`ltta.training.distributed`).
 """
 
 from __future__ import annotations
@@ -34,13 +38,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ltta.corruptions import ALL_CORRUPTIONS, random_corruptions
 from ltta.io import save_torch
 from ltta.models.layers import Normalize
 from ltta.registry import Registry
 from ltta.runtime import make_generator
 from ltta.training.augmix import augmix, jsd_loss
+from ltta.training.auxiliary import (
+    AUX_CE_WEIGHT,
+    AUX_DISTILL_WEIGHT,
+    AUX_FAMILIES,
+    AUX_MERGE_START,
+    AUX_MERGE_WEIGHT,
+    DEFAULT_FAMILIES,
+    attach_auxiliary,
+    auxiliary_loss,
+    detach_auxiliary,
+)
+from ltta.training.distributed import BatchShard
 from ltta.transforms.functional import random_crop_flip
 from ltta.transforms.policy import Policy
 
@@ -88,8 +106,26 @@ def cutout_default(
 
 # ---------------------------------------------------------------- training modes
 
-#: ``forward(images) -> float32 logits``: the network under autocast, in the training memory format.
-Forward = Callable[[torch.Tensor], torch.Tensor]
+class Forward:
+    """``forward(images) -> float32 logits``: the network under autocast, in the training memory format.
+
+    A mode that needs more than logits reads ``model`` (the module being trained, not its
+    ``torch.compile`` wrapper: e.g. its auxiliary heads) and ``epoch`` (1-based, for schedules).
+    """
+
+    def __init__(self, net: nn.Module, epoch: int, amp: bool, memory_format: torch.memory_format) -> None:
+        self.net = net
+        inner = getattr(net, "_orig_mod", net)  # under torch.compile
+        self.model: nn.Module = inner.module if isinstance(inner, DistributedDataParallel) else inner
+        self.epoch = epoch
+        self.amp = amp
+        self.memory_format = memory_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with _autocast(images.device, self.amp):
+            return self.net(images.contiguous(memory_format=self.memory_format)).float()
+
+
 #: ``(forward, prepared images, labels, cfg, generator) -> (loss, logits of the clean images)``.
 ModeLoss = Callable[
     [Forward, torch.Tensor, torch.Tensor, "TrainConfig", torch.Generator], tuple[torch.Tensor, torch.Tensor]
@@ -107,6 +143,11 @@ class TrainMode:
     loss: ModeLoss
     needs_extra_augment: bool = False  # the mode is defined by the caller's extra augmentation
     allows_cutout: bool = True
+    # Training-only modules around the classifier (Auxiliary Training's heads): ``attach(model, cfg)``
+    # returns the module to train, whose plain forward is the classifier's; ``detach(trainee)`` drops
+    # them once training ends, leaving the caller's model trained in place. None: train it as it is.
+    attach: Callable[[nn.Module, TrainConfig], nn.Module] | None = None
+    detach: Callable[[nn.Module], None] | None = None
 
 
 def _cross_entropy_loss(
@@ -139,10 +180,18 @@ TRAIN_MODES.add("standard", TrainMode(_cross_entropy_loss))
 TRAIN_MODES.add("augmix", TrainMode(_augmix_loss, allows_cutout=False))
 # Fast AutoAugment (Lim et al., NeurIPS 2019): the searched policy is the caller's extra_augment.
 TRAIN_MODES.add("policy", TrainMode(_cross_entropy_loss, needs_extra_augment=True))
+# Auxiliary Training (Zhang et al., CVPR 2020; ltta.training.auxiliary): auxiliary heads on the
+# shared trunk for the training run only. The reference (ArchipLab-LinfengZhang/Auxiliary-Training
+# train.py) trains without cutout.
+TRAIN_MODES.add(
+    "auxiliary", TrainMode(auxiliary_loss, allows_cutout=False, attach=attach_auxiliary, detach=detach_auxiliary)
+)
 
 CHECKPOINT_FORMAT = 1
 # Settings that change nothing the optimiser sees, so a run may resume under different values.
-_NOT_FINGERPRINTED = frozenset({"eval_batch_size", "compile"})
+_NOT_FINGERPRINTED = frozenset({"eval_batch_size", "compile", "compile_mode"})
+#: torch.compile modes offered by TrainConfig.compile_mode.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -167,14 +216,30 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast; only takes effect on CUDA
     channels_last: bool = True  # NHWC weights and batches; only takes effect on CUDA (slower on CPU)
     compile: bool = False  # torch.compile the forward/backward
+    # torch.compile mode when compile is on. "reduce-overhead" replays the compiled forward and
+    # backward as CUDA graphs: at the references' batch of 128 a fast GPU finishes a WRN-40-2 step
+    # quicker than Python can launch its kernels one by one, so graphs are what reach the ceiling.
+    compile_mode: str = "reduce-overhead"
     seed: int = 0  # data order, augmentation draws and dropout
     eval_batch_size: int = 1024
-    mode: str = "standard"  # a name in TRAIN_MODES: standard, augmix, policy
+    mode: str = "standard"  # a name in TRAIN_MODES: standard, augmix, policy, auxiliary
     cutout: int = 0  # side in px of FAA's training cutout after crop/flip (FAA WRN-40-2: 16), 0: off
     jsd_weight: float = 12.0  # augmix: weight of the Jensen-Shannon consistency term (reference: 12)
     augmix_width: int = 3  # augmix: chains mixed per image (reference --mixture-width 3)
     augmix_depth: int = -1  # augmix: ops per chain, -1: uniform in {1, 2, 3} (reference --mixture-depth -1)
     augmix_severity: int = 3  # augmix: op levels uniform in [0.1, severity] of 10 (reference --aug-severity 3)
+    # auxiliary (ltta.training.auxiliary; reference: ArchipLab-LinfengZhang/Auxiliary-Training train.py):
+    aux_families: tuple[str, ...] = DEFAULT_FAMILIES  # one auxiliary head per family (names in AUX_FAMILIES)
+    aux_ce_weight: float = AUX_CE_WEIGHT  # weight of each head's cross-entropy (reference --alpha 0.05)
+    aux_distill_weight: float = AUX_DISTILL_WEIGHT  # weight of each head's KL to the clean prediction (--beta 0.05)
+    aux_temperature: float = 1.0  # distillation temperature (reference: 1)
+    aux_merge_weight: float = AUX_MERGE_WEIGHT  # weight of the L2 tying heads' fc to the primary fc, once on (1)
+    aux_merge_start: float = AUX_MERGE_START  # fraction of the epochs before that penalty is on (180 of 210)
+    # Benchmark corruptions mixed into the training images (the studies "AugMix+" and blur in
+    # training, conf/study/): per image, with probability corruption_p, one of them at a severity
+    # uniform in 1..5, drawn as the loss predictor's inputs are (ltta.corruptions.random_corruptions).
+    corruptions: tuple[str, ...] = ()
+    corruption_p: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -224,6 +289,10 @@ class TrainConfig:
         )
         for flag in ("nesterov", "amp", "channels_last", "compile"):
             need(isinstance(getattr(self, flag), bool), f"{flag} must be true or false (got {getattr(self, flag)!r})")
+        need(
+            self.compile_mode in COMPILE_MODES,
+            f"compile_mode must be one of {', '.join(COMPILE_MODES)} (got {self.compile_mode!r})",
+        )
         need(is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0 (got {self.seed!r})")
         need(
             is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
@@ -256,6 +325,36 @@ class TrainConfig:
         need(
             is_int(self.augmix_severity) and 1 <= self.augmix_severity <= 10,
             f"augmix_severity must be an integer in [1, 10] (got {self.augmix_severity!r})",
+        )
+        families = self.aux_families
+        need(
+            isinstance(families, (tuple, list))
+            and len(families) > 0
+            and len(set(families)) == len(families)
+            and all(isinstance(f, str) and f in AUX_FAMILIES for f in families),
+            f"aux_families must be distinct names from {', '.join(AUX_FAMILIES.names())}, at least one "
+            f"(got {families!r})",
+        )
+        object.__setattr__(self, "aux_families", tuple(families))  # hashable, whatever sequence came in
+        for weight in ("aux_ce_weight", "aux_distill_weight", "aux_merge_weight"):
+            value = getattr(self, weight)
+            need(is_num(value) and value >= 0, f"{weight} must be a finite number >= 0 (got {value!r})")
+        need(
+            is_num(self.aux_temperature) and self.aux_temperature > 0,
+            f"aux_temperature must be a finite number > 0 (got {self.aux_temperature!r})",
+        )
+        need(
+            is_num(self.aux_merge_start) and 0 <= self.aux_merge_start <= 1,
+            f"aux_merge_start must be a fraction of the epochs in [0, 1] (got {self.aux_merge_start!r})",
+        )
+        need(
+            isinstance(self.corruptions, tuple) and all(c in ALL_CORRUPTIONS for c in self.corruptions),
+            f"corruptions must be a tuple of corruption names from {', '.join(ALL_CORRUPTIONS)} "
+            f"(got {self.corruptions!r})",
+        )
+        need(
+            is_num(self.corruption_p) and 0 <= self.corruption_p <= 1,
+            f"corruption_p must be a probability in [0, 1] (got {self.corruption_p!r})",
         )
 
 
@@ -500,10 +599,19 @@ def train_classifier(
     validation set), ``lr`` (at the epoch's last step), ``images_per_s`` and ``seconds``.
     With ``checkpoint_path`` every finished epoch is saved atomically, and an existing checkpoint
     of the same run is resumed from the epoch after it; ``on_epoch`` runs after each save.
-    Each batch is prepared as ``extra_augment`` (e.g. a searched policy; required by mode
+    Each batch is prepared as ``cfg.corruptions`` (with probability ``cfg.corruption_p`` per
+    image) -> ``extra_augment`` (e.g. a searched policy; required by mode
     ``policy``) -> ``cfg.augment`` (crop/flip) -> cutout (``cfg.cutout`` > 0), then ``cfg.mode``
     turns it into the loss (``augmix``: clean + two AugMix views in one 3x forward pass; the
-    history's loss is then CE + jsd_weight * JSD, its error and images/s count clean images).
+    history's loss is then CE + jsd_weight * JSD, its error and images/s count clean images;
+    ``auxiliary``: clean + one view per ``cfg.aux_families`` in one pass, the heads attached to
+    ``model`` for the run and removed at the end, so ``model`` comes back as its own architecture).
+
+    In an initialised process group (``torchrun``, :mod:`ltta.training.distributed`) the model
+    trains under DDP: ``cfg.batch_size`` is the global batch (divisible by the world size), each
+    process trains on its shard of every batch, and the result is the single-process one up to
+    batch-norm statistics. Rank 0 alone writes the checkpoint, shows progress and calls
+    ``on_epoch``; every process resumes from the same checkpoint and returns rank 0's history.
     """
     _check_inputs(model, x_train, y_train, "train")
     if (x_val is None) != (y_val is None):
@@ -519,16 +627,24 @@ def train_classifier(
     device = _model_device(model)
     n = x_train.shape[0]
     batch_size = min(cfg.batch_size, n)
+    # Under torchrun: this process's shard of every global batch (ltta.training.distributed).
+    shard = BatchShard.current(cfg.seed, device)
+    shard.check_batch(batch_size, n)
     # Full batches only (FAA's training loader drops the last one too): static shapes for
     # torch.compile, and no size-1 batch for BatchNorm. A fresh permutation each epoch covers all.
     steps_per_epoch = n // batch_size
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     prepare = _batch_preparation(
-        extra_augment, TRAIN_AUGMENTATIONS.get(cfg.augment), cfg.cutout, _cutout_fill(model) if cfg.cutout else 0.0
+        extra_augment, TRAIN_AUGMENTATIONS.get(cfg.augment), cfg.cutout, _cutout_fill(model) if cfg.cutout else 0.0,
+        corrupt=_corruption_augment(cfg.corruptions, cfg.corruption_p),
     )
     y_train = y_train.long()
     y_val = y_val.long() if y_val is not None else None
+
+    # The mode's training-only modules (auxiliary heads) around the caller's classifier: trained,
+    # checkpointed and resumed with it, and dropped again at the end (TrainMode.attach / detach).
+    model = mode.attach(model, cfg) if mode.attach is not None else model
 
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
@@ -539,6 +655,9 @@ def train_classifier(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         nesterov=cfg.nesterov,
+        # One fused kernel for the whole update on CUDA instead of a few per parameter tensor:
+        # the same arithmetic, fewer launches in a host-bound loop.
+        fused=device.type == "cuda",
     )
     min_ratio = cfg.min_lr / cfg.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -547,7 +666,8 @@ def train_classifier(
     generator = make_generator(cfg.seed, device)
     fingerprint = _fingerprint(cfg, model, x_train, y_train, extra_augment)
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    net: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
+    ddp = shard.wrap(model)  # DDP under torchrun (it copies rank 0's weights to every process), else model
+    net: nn.Module = torch.compile(ddp, mode=cfg.compile_mode) if cfg.compile else ddp  # type: ignore[assignment]
 
     with _private_global_rng(device):
         history: list[dict[str, Any]] = []
@@ -556,7 +676,7 @@ def train_classifier(
         torch.default_generator.manual_seed(cfg.seed + 1)
         if device.type == "cuda":
             torch.cuda.default_generators[_cuda_index(device)].manual_seed(cfg.seed + 1)
-        if ckpt_path is not None and ckpt_path.exists():
+        if ckpt_path is not None and shard.agree(ckpt_path.exists(), f"whether {ckpt_path} exists"):
             ckpt = _load_checkpoint(ckpt_path, fingerprint, device)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -571,20 +691,21 @@ def train_classifier(
             initial=start_epoch - 1,
             desc="train",
             unit="epoch",
-            disable=not progress,
+            disable=not (progress and shard.is_main),
             dynamic_ncols=True,
         )
         with contextlib.closing(bar):
             for epoch in bar:
                 record = _train_epoch(
                     net, optimizer, scheduler, x_train, y_train, cfg, epoch, steps_per_epoch, batch_size,
-                    generator, prepare, mode, channels_last,
+                    generator, prepare, mode, channels_last, shard,
                 )  # fmt: skip
-                if x_val is not None and y_val is not None:
+                if x_val is not None and y_val is not None and shard.is_main:
                     val = evaluate_classifier(model, x_val, y_val, cfg.eval_batch_size, cfg.amp)
                     record["val_loss"], record["val_error"] = val["loss"], val["error"]
+                record = shard.from_main(record)  # every process returns rank 0's history
                 history.append(record)
-                if ckpt_path is not None:
+                if ckpt_path is not None and shard.is_main:
                     save_torch(
                         ckpt_path,
                         {
@@ -605,18 +726,38 @@ def train_classifier(
                     val_err="-" if record["val_error"] is None else f"{record['val_error']:.3f}",
                     lr=f"{record['lr']:.3g}",
                 )
-                if on_epoch is not None:
+                if on_epoch is not None and shard.is_main:
                     on_epoch(dict(record))
     model.eval()
+    if mode.detach is not None:
+        mode.detach(model)
     return history
 
 
+def _corruption_augment(names: tuple[str, ...], p: float) -> Augment | None:
+    """The benchmark corruptions as a batched training augmentation (None when off)."""
+    if not names or p <= 0:
+        return None
+
+    def corrupt(xb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return random_corruptions(xb, generator, p, names)
+
+    return corrupt
+
+
 def _batch_preparation(
-    extra_augment: Augment | None, augment: Augment, cutout: int, fill: torch.Tensor | float
+    extra_augment: Augment | None,
+    augment: Augment,
+    cutout: int,
+    fill: torch.Tensor | float,
+    corrupt: Augment | None = None,
 ) -> Augment:
-    """FAA's order: policy (extra_augment) -> crop/flip (augment) -> cutout."""
+    """Corruption (on the whole 32x32 image, as the loss predictor's inputs are corrupted before
+    any deformation) -> FAA's order: policy (extra_augment) -> crop/flip (augment) -> cutout."""
 
     def prepare(xb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if corrupt is not None:
+            xb = corrupt(xb, generator)
         if extra_augment is not None:
             xb = extra_augment(xb, generator)
         xb = augment(xb, generator)
@@ -641,8 +782,14 @@ def _train_epoch(
     prepare: Augment,
     mode: TrainMode,
     channels_last: bool,
+    shard: BatchShard,
 ) -> dict[str, Any]:
-    """One pass; per-step losses stay on the device and are read once at the end (no per-step sync)."""
+    """One pass; per-step losses stay on the device and are read once at the end (no per-step sync).
+
+    Under DDP each process prepares the whole global batch with the shared generator (so each
+    image's draws do not depend on the number of processes) and trains on its shard of it; the
+    epoch's losses and errors are then all-reduced to the global batch's.
+    """
     device = x.device
     net.train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -650,18 +797,18 @@ def _train_epoch(
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     lr_used = optimizer.param_groups[0]["lr"]
 
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        with _autocast(device, cfg.amp):
-            return net(images.contiguous(memory_format=fmt)).float()
-
+    forward = Forward(net, epoch, cfg.amp, fmt)
+    loss_generator = shard.epoch_generator(generator, epoch)  # the shared generator when alone
     t0 = time.perf_counter()
     order = torch.randperm(x.shape[0], device=device, generator=generator)
     for step in range(steps):
+        if cfg.compile:  # a new iteration for CUDA-graph trees: last step's graph outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         idx = order[step * batch_size : (step + 1) * batch_size]
         with torch.no_grad():
             xb = prepare(x[idx], generator)
-        yb = y[idx]
-        loss, logits = mode.loss(forward, xb, yb, cfg, generator)
+        xb, yb = shard.local(xb), shard.local(y[idx])
+        loss, logits = mode.loss(forward, xb, yb, cfg, loss_generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip_norm is not None:
@@ -671,6 +818,8 @@ def _train_epoch(
         scheduler.step()
         step_losses[step] = loss.detach()
         wrong += (logits.detach().argmax(dim=1) != yb).sum()
+    shard.mean_(step_losses)  # each process's shard means -> the global batches' means
+    shard.sum_(wrong)
     bad = (~torch.isfinite(step_losses)).nonzero()
     if bad.numel() > 0:
         first = int(bad[0, 0])
