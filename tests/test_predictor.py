@@ -19,10 +19,20 @@ from ltta.training.predictor import (
     penalised_parameters,
     predictor_cutout,
     predictor_quality,
+    ranking_quality,
     train_predictor,
 )
 from ltta.tta.methods import flops_per_image
-from ltta.tta.ranking import exact_rank, soft_rank, sodeep_style_rank_mse, spearman_loss
+from ltta.tta.ranking import (
+    RANKERS,
+    build_ranker,
+    exact_rank,
+    pairwise_sigmoid_rank,
+    soft_rank,
+    sodeep_style_rank_mse,
+    spearman_loss,
+)
+from ltta.tta.sodeep import build_sorter
 
 C = 6
 _W = torch.randn(12, C, generator=torch.Generator().manual_seed(123))
@@ -53,30 +63,75 @@ class ExactPredictor(nn.Module):
 # ---------------------------------------------------------------- ranking
 
 
-def test_soft_rank_is_differentiable() -> None:
-    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: soft_rank(t, 0.5), (s,))
-    for loss_fn in (lambda p, t: spearman_loss(p, t, 0.5), lambda p, t: sodeep_style_rank_mse(p, t, 0.5, t_easy=0.0)):
+def _ranker(name: str, temperature: float) -> object:
+    """Every registered ranker; ``sodeep`` with an untrained sorter (differentiability needs no training)."""
+    torch.manual_seed(0)
+    return build_ranker(name, temperature, build_sorter("gruc", 6) if name == "sodeep" else None)
+
+
+@pytest.mark.parametrize("name", RANKERS.names())
+def test_every_ranker_is_differentiable(name: str) -> None:
+    ranker = _ranker(name, 0.5)
+    s = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    if name != "sodeep":  # the sorter's weights are float32
+        assert torch.autograd.gradcheck(ranker, (s,))
+    for loss_fn in (lambda p, t: spearman_loss(p, t, ranker), lambda p, t: sodeep_style_rank_mse(p, t, ranker, t_easy=0.0)):
         pred = torch.randn(4, 6, requires_grad=True)
         loss_fn(pred, torch.randn(4, 6)).backward()
         assert pred.grad is not None and bool(torch.isfinite(pred.grad).all()) and float(pred.grad.abs().sum()) > 0
 
 
-def test_soft_rank_tends_to_exact_rank_with_ties() -> None:
+def test_sodeep_ranker_needs_a_sorter() -> None:
+    with pytest.raises(ValueError, match="train-sorter"):
+        build_ranker("sodeep", 0.1)
+    with pytest.raises(KeyError, match="soft_rank"):
+        build_ranker("neural_sort", 0.1)
+    with pytest.raises(ValueError, match="ranker"):
+        PredictorConfig(ranker="neural_sort")
+
+
+@pytest.mark.parametrize("rank_fn", [pairwise_sigmoid_rank, soft_rank])
+def test_soft_ranks_tend_to_exact_rank_with_ties(rank_fn) -> None:  # noqa: ANN001
     s = torch.tensor([[0.3, -1.0, 2.0, 0.3, 5.0], [1.0, 1.0, 1.0, 0.0, -2.0]])
     expected = torch.tensor(np.stack([rankdata(r) for r in s.numpy()]), dtype=torch.float32)
     assert torch.equal(exact_rank(s), expected)
-    torch.testing.assert_close(soft_rank(s, 1e-4), expected)
-    assert not torch.allclose(soft_rank(s, 1.0), expected, atol=0.1)  # a real relaxation at t = 1
+    torch.testing.assert_close(rank_fn(s, 1e-4), expected)
+    assert not torch.allclose(rank_fn(s, 3.0), expected, atol=0.1)  # a real relaxation at a large temperature
+    # Both stay on the rank scale: each row sums to 1 + ... + C, whatever the temperature.
+    torch.testing.assert_close(rank_fn(s, 3.0).sum(1), torch.full((2,), 15.0))
+
+
+def test_soft_rank_is_the_permutahedron_projection() -> None:
+    """Blondel et al.: the soft rank is the projection of s / eps onto the permutahedron of (C..1),
+    checked against a generic constrained solver on small rows; large eps -> all ranks (C + 1) / 2."""
+    from itertools import combinations
+
+    from scipy.optimize import minimize
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    eps = 0.7
+    w = np.arange(4, 0, -1.0)
+    for row, got in zip(s.numpy() / eps, soft_rank(s, eps).numpy()):
+        cons = [{"type": "eq", "fun": lambda r: r.sum() - w.sum()}]
+        cons += [{"type": "ineq", "fun": lambda r, idx=list(sub): w[: len(idx)].sum() - r[idx].sum()}
+                 for k in range(1, 4) for sub in combinations(range(4), k)]
+        ref = minimize(lambda r, z=row: 0.5 * ((r - z) ** 2).sum(), np.full(4, 2.5), constraints=cons,
+                       method="SLSQP", options={"ftol": 1e-12}).x
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+    torch.testing.assert_close(soft_rank(s, 1e6), torch.full_like(s, 2.5), atol=1e-5, rtol=0)
 
 
 def test_spearman_loss_equals_one_minus_rho() -> None:
     g = torch.Generator().manual_seed(0)
     pred, tgt = torch.randn(16, 12, generator=g), torch.randn(16, 12, generator=g)
     rho = np.mean([spearmanr(p, t).statistic for p, t in zip(pred.numpy(), tgt.numpy())])
-    assert float(spearman_loss(pred, tgt, temperature=1e-4)) == pytest.approx(1 - rho, abs=1e-5)
-    assert float(spearman_loss(tgt, tgt, temperature=1e-4)) == pytest.approx(0.0, abs=1e-6)
-    assert float(spearman_loss(-tgt, tgt, temperature=1e-4)) == pytest.approx(2.0, abs=1e-6)
+    for name in ("pairwise_sigmoid", "soft_rank"):
+        ranker = build_ranker(name, 1e-4)
+        assert float(spearman_loss(pred, tgt, ranker)) == pytest.approx(1 - rho, abs=1e-5)
+        assert float(spearman_loss(tgt, tgt, ranker)) == pytest.approx(0.0, abs=1e-6)
+        assert float(spearman_loss(-tgt, tgt, ranker)) == pytest.approx(2.0, abs=1e-6)
+    assert float(spearman_loss(pred, tgt, exact_rank)) == pytest.approx(1 - rho, abs=1e-6)
 
 
 def test_sodeep_style_matches_masked_rank_mse() -> None:
@@ -89,7 +144,8 @@ def test_sodeep_style_matches_masked_rank_mse() -> None:
     err = (rp - rt) ** 2
     expected = np.mean(err * (err > 0.05))
     assert expected > 0
-    assert float(sodeep_style_rank_mse(pred, tgt, temperature=1e-6)) == pytest.approx(expected, abs=1e-6)
+    for name in ("pairwise_sigmoid", "soft_rank"):
+        assert float(sodeep_style_rank_mse(pred, tgt, build_ranker(name, 1e-6))) == pytest.approx(expected, abs=1e-6)
 
 
 # ---------------------------------------------------------------- network and pieces
@@ -147,6 +203,25 @@ def test_predictor_cutout() -> None:
 
 
 # ---------------------------------------------------------------- quality and training
+
+
+def test_ranking_quality_on_a_hand_computed_case() -> None:
+    scores = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [0.0, 1.0, 0.5]])
+    losses = torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0.1, 0.1, 0.5]])
+    correct = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    q = ranking_quality(scores, losses, correct=correct, identity_index=0)
+    # rho per row: 1 (same order), -1 (reversed), 0 (ranks [1,3,2] vs [2.5,2.5,1]: zero covariance).
+    assert q["spearman_rho"] == pytest.approx(0.0, abs=1e-6)
+    # Top-1 hit: row 1 yes, row 2 no, row 3 yes (its pick ties for the lowest loss).
+    assert q["top1_agreement"] == pytest.approx(2 / 3)
+    assert q["random_top1_agreement"] == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3)
+    assert q["chosen_loss"] == pytest.approx((0.1 + 0.3 + 0.1) / 3)
+    assert q["oracle_loss"] == pytest.approx(0.1) and q["identity_loss"] == pytest.approx(0.1)
+    assert q["random_loss"] == pytest.approx(1.9 / 9)
+    assert q["chosen_error"] == pytest.approx(1 / 3) and q["identity_error"] == pytest.approx(1 / 3)
+    assert q["oracle_error"] == pytest.approx(1 / 3) and q["random_error"] == pytest.approx(4 / 9)
+    with pytest.raises(ValueError, match=r"\[N,C\]"):
+        ranking_quality(scores[:, :2], losses)
 
 
 def test_predictor_quality_of_a_perfect_ranker() -> None:

@@ -22,6 +22,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "train-target": ("train_target", "train the target classifier (checkpointed, resumable)"),
     "build-loss-dataset": ("build_loss_dataset", "the target's loss for each image under every candidate transform"),
     "train-predictor": ("train_predictor", "train the loss predictor with a differentiable Spearman ranking loss"),
+    "train-sorter": ("train_sorter", "train SoDeep's sorter for ranker sodeep ahead of train-predictor (cached, not a DVC stage)"),
     "search-policy": ("search_policy", "Fast AutoAugment search (density matching, TPE): a static policy"),
     "evaluate": ("evaluate", "every TTA method on clean and corrupted test sets: metrics, table, plots"),
 }

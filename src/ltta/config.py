@@ -98,6 +98,19 @@ class LossDatasetParams(_Section):
     _known = field_validator("corruptions")(classmethod(lambda cls, v: known_corruptions(v)))
 
 
+class SorterParams(_Section):
+    """SoDeep's sorter (ltta.tta.sodeep.SorterConfig); defaults are SoDeep's train.py. Its sequence length
+    is the candidate count and its seed the global seed; ~563k steps in all: shrink sequences_per_epoch."""
+
+    model: Literal["gruc", "lstm", "lstm_large"] = "gruc"  # gruc: learning-loss-for-tta's; lstm_large: SoDeep's
+    epochs: PositiveInt = 400
+    sequences_per_epoch: PositiveInt = 360_000  # fresh synthetic sequences per epoch (steps = this / batch_size)
+    batch_size: PositiveInt = 256
+    lr: Annotated[float, Field(gt=0.0)] = 1e-3  # Adam, halved every lr_step_epochs
+    lr_step_epochs: PositiveInt = 70
+    valid_sequences: PositiveInt = 40_000  # the best-validation-L1 epoch is kept
+
+
 class TrainPredictorParams(_Section):
     width: PositiveInt = 32
     epochs: PositiveInt = 20
@@ -109,6 +122,10 @@ class TrainPredictorParams(_Section):
     tau: Annotated[float, Field(gt=0.0)] = 1.0  # softmin temperature of the target ranking
     rank_temperature: Annotated[float, Field(gt=0.0)] = 0.01  # soft-rank temperature
     objective: Literal["sodeep_style", "spearman"] = "sodeep_style"
+    # The differentiable ranking inside the objective (ltta.tta.ranking.RANKERS): pairwise_sigmoid |
+    # soft_rank (Blondel et al. 2020) | sodeep (a SoDeep sorter trained on synthetic sequences, frozen).
+    ranker: Literal["pairwise_sigmoid", "soft_rank", "sodeep"] = "pairwise_sigmoid"
+    sorter: SorterParams = SorterParams()  # ranker sodeep: the sorter and its training
     cutout: Annotated[float, Field(ge=0.0)] = 1.0  # cutout side / image side on predictor inputs (0: off)
 
 

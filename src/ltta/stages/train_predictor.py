@@ -2,7 +2,9 @@
 
 Outputs: ``models/predictor.pt`` (the EMA weights, with the candidate names in column order),
 ``metrics/predictor.json`` (Spearman rho and top-1 agreement with the oracle on valid_loss,
-beside the random-ranking baseline) and ``plots/predictor_curve.csv``.
+beside the random-ranking baseline) and ``plots/predictor_curve.csv``. With
+``train_predictor.ranker: sodeep`` the SoDeep sorter comes from ``models/sorters/`` and is trained
+there first when missing (:mod:`ltta.stages.train_sorter`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ltta.model_io import save_model_file
 from ltta.models import build_model
 from ltta.runtime import resolve_device, seed_everything
 from ltta.stages.base import Paths, mlflow_stage
+from ltta.stages.train_sorter import load_or_train_sorter
 from ltta.stages.train_target import write_curve
 from ltta.training.predictor import PredictorConfig, train_predictor
 
@@ -46,15 +49,16 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     kwargs = {"num_outputs": len(names), "width": tp.width, "mean": tuple(data_meta["mean"]), "std": tuple(data_meta["std"])}
     cfg = PredictorConfig(
         epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, weight_decay=tp.weight_decay, ema_decay=tp.ema_decay,
-        tau=tp.tau, rank_temperature=tp.rank_temperature, objective=tp.objective, optimizer=tp.optimizer,
-        cutout=tp.cutout, seed=params.seed,
+        tau=tp.tau, rank_temperature=tp.rank_temperature, objective=tp.objective, ranker=tp.ranker,
+        optimizer=tp.optimizer, cutout=tp.cutout, seed=params.seed,
     )
+    sorter = load_or_train_sorter(params, len(names), paths, device)[0] if tp.ranker == "sodeep" else None
     with mlflow_stage(STAGE, params, ("train_predictor",)):
         predictor = build_model("loss_predictor", **kwargs)
         ema, history = train_predictor(
             predictor, _nchw_uint8(train["x"]), torch.as_tensor(train["losses"]),
             _nchw_uint8(valid["x"]), torch.as_tensor(valid["losses"]), cfg, device=device,
-            identity_index=int(loss_meta["identity_index"]),
+            identity_index=int(loss_meta["identity_index"]), sorter=sorter,
             on_epoch=lambda epoch, m: tracking.log_metrics(m, step=epoch),
         )
         save_model_file(paths.predictor, ema, "loss_predictor", kwargs, extra={"candidates": names})

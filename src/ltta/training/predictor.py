@@ -3,9 +3,12 @@
 Follows kakaobrain/learning-loss-for-tta ``train.py`` (settings from ``confs/imagenet.yaml``):
 
 - objective: ``target = softmin(losses / tau)`` (tau = 1), ``pred = softmax(output)``, SoDeep's
-  Spearman loss between them (``sodeep/sodeep.py``), here with a soft rank in place of the
-  unpublished learned sorter (:func:`ltta.tta.ranking.sodeep_style_rank_mse`); or, as an
-  alternative, ``1 - rho`` on soft ranks (:func:`ltta.tta.ranking.spearman_loss`);
+  Spearman loss between them (``sodeep/sodeep.py``; :func:`ltta.tta.ranking.sodeep_style_rank_mse`);
+  or, as an alternative, ``1 - rho`` on soft ranks (:func:`ltta.tta.ranking.spearman_loss`). The
+  ranking inside either is a *ranker* by name (``ranker``): ``sodeep``, a SoDeep sorter trained
+  on synthetic sequences as the SoDeep paper does (:mod:`ltta.tta.sodeep`; the public one is not
+  published) and frozen, as the public code uses it; ``soft_rank``, Blondel et al.'s fast soft
+  rank; ``pairwise_sigmoid``, a closed-form soft rank (see :mod:`ltta.tta.ranking`);
 - plus ``decay * sum ||p||_2`` over every parameter outside normalisation layers (the public
   code adds ``torch.norm(p, p=2)``, the unsquared norm, with decay 1e-5; the optimiser's own
   weight decay is 0);
@@ -38,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ltta.registry import Registry
-from ltta.tta.ranking import sodeep_style_rank_mse, spearman_loss, spearman_rho
+from ltta.tta.ranking import RANKERS, Ranker, build_ranker, sodeep_style_rank_mse, spearman_loss, spearman_rho
 from ltta.tta.scoring import as_float_images, predictor_scores
 
 
@@ -94,16 +97,17 @@ OPTIMIZERS.add("sgd", lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, mom
 # ---------------------------------------------------------------- objectives
 
 
-def _sodeep_objective(logits: torch.Tensor, losses: torch.Tensor, cfg: PredictorConfig) -> torch.Tensor:
+def _sodeep_objective(logits: torch.Tensor, losses: torch.Tensor, cfg: PredictorConfig, ranker: Ranker) -> torch.Tensor:
     target = torch.softmax(-losses / cfg.tau, dim=1)  # softmin(losses / tau)
-    return sodeep_style_rank_mse(torch.softmax(logits, dim=1), target, cfg.rank_temperature, cfg.t_easy)
+    return sodeep_style_rank_mse(torch.softmax(logits, dim=1), target, ranker, cfg.t_easy)
 
 
-def _spearman_objective(logits: torch.Tensor, losses: torch.Tensor, cfg: PredictorConfig) -> torch.Tensor:
-    return spearman_loss(logits, -losses, cfg.rank_temperature)
+def _spearman_objective(logits: torch.Tensor, losses: torch.Tensor, cfg: PredictorConfig, ranker: Ranker) -> torch.Tensor:
+    return spearman_loss(logits, -losses, ranker)
 
 
-Objective = Callable[[torch.Tensor, torch.Tensor, "PredictorConfig"], torch.Tensor]  # (logits, losses, cfg) -> loss
+# (logits, losses, cfg, ranker) -> loss
+Objective = Callable[[torch.Tensor, torch.Tensor, "PredictorConfig", Ranker], torch.Tensor]
 OBJECTIVES: Registry[Objective] = Registry("predictor objective")
 OBJECTIVES.add("sodeep_style", _sodeep_objective)
 OBJECTIVES.add("spearman", _spearman_objective)
@@ -119,8 +123,11 @@ class PredictorConfig:
     weight_decay: float = 1e-5  # coefficient of sum ||p||_2 over non-norm-layer parameters
     ema_decay: float = 0.999  # EMA of weights and buffers, with the (1+t)/(10+t) warm-up
     tau: float = 1.0  # softmin temperature of the target (sodeep_style objective)
-    rank_temperature: float = 0.01  # soft-rank temperature: ~0.01 on softmax (sodeep_style), ~0.1-1 on logits
+    # pairwise_sigmoid's temperature / soft_rank's regularisation strength, on the scale of the ranked
+    # scores: ~0.01 on softmax outputs (sodeep_style), ~0.1-1 on logits (spearman); unused by sodeep
+    rank_temperature: float = 0.01
     objective: str = "sodeep_style"  # or "spearman" (1 - rho on soft ranks of the raw outputs)
+    ranker: str = "pairwise_sigmoid"  # or "soft_rank", "sodeep" (needs a trained sorter: train_predictor(sorter=))
     t_easy: float = 0.05  # sodeep_style: squared rank errors up to this are masked (sodeep.py)
     optimizer: str = "rmsprop_tf"  # or "adam", "sgd"
     momentum: float = 0.9  # rmsprop_tf and sgd
@@ -147,6 +154,9 @@ class PredictorConfig:
         if self.objective not in OBJECTIVES:
             known = ", ".join(OBJECTIVES.names())
             raise ValueError(f"PredictorConfig: unknown objective {self.objective!r}; known: {known}")
+        if self.ranker not in RANKERS:
+            known = ", ".join(RANKERS.names())
+            raise ValueError(f"PredictorConfig: unknown ranker {self.ranker!r}; known: {known}")
         if self.optimizer not in OPTIMIZERS:
             known = ", ".join(OPTIMIZERS.names())
             raise ValueError(f"PredictorConfig: unknown optimizer {self.optimizer!r}; known: {known}")
@@ -238,34 +248,32 @@ def _check_loss_table(x: torch.Tensor, losses: torch.Tensor, name: str) -> None:
 
 
 @torch.no_grad()
-def predictor_quality(
-    predictor: nn.Module,
-    x: torch.Tensor,
+def ranking_quality(
+    scores: torch.Tensor,
     losses: torch.Tensor,
     *,
     correct: torch.Tensor | None = None,
     identity_index: int = 0,
-    batch_size: int = 1024,
     seed: int = 0,
 ) -> dict[str, float]:
-    """How well the predictor ranks the candidates of ``x`` against the true ``losses`` [N,C].
+    """How well ``scores`` [N,C] (higher = predicted better) rank the candidates against the true ``losses`` [N,C].
 
     - ``spearman_rho``: mean over images of Spearman's rho between scores and ``-losses`` (images
       whose losses are all equal are left out); ``random_rho``: the same for uniform random scores
       (seeded; its expectation is 0);
-    - ``top1_agreement``: fraction of images whose top-scored candidate has the lowest loss (ties
-      in the loss count as agreement); ``random_top1_agreement``: its expectation for a random pick;
+    - ``top1_agreement``: the top-1 hit rate against the oracle, the fraction of images whose
+      top-scored candidate has the lowest loss (ties in the loss count as a hit);
+      ``random_top1_agreement``: its expectation for a uniformly random pick (1/C without ties);
     - ``chosen_loss`` / ``identity_loss`` / ``oracle_loss`` / ``random_loss``: mean loss of the
-      predictor's pick, of identity, of the best candidate, of a uniformly random candidate
+      top-scored candidate, of identity, of the best candidate, of a uniformly random candidate
       (expectation); with ``correct`` [N,C] also the matching ``*_error`` rates.
     """
-    _check_loss_table(x, losses, "predictor_quality")
+    if scores.dim() != 2 or scores.shape != losses.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and losses {tuple(losses.shape)} must both be [N,C]")
     if not 0 <= identity_index < losses.shape[1]:
         raise ValueError(f"identity_index {identity_index} is outside the {losses.shape[1]} candidates")
-    scores = predictor_scores(predictor, x, batch_size).to(losses.device)
-    if scores.shape != losses.shape:
-        raise ValueError(f"the predictor gives {tuple(scores.shape)} scores for losses of shape {tuple(losses.shape)}")
     losses = losses.float()
+    scores = scores.to(losses.device)
     chosen = scores.argmax(1)
     best = losses.min(1, keepdim=True).values
     at_best = losses <= best
@@ -292,6 +300,25 @@ def predictor_quality(
     return out
 
 
+@torch.no_grad()
+def predictor_quality(
+    predictor: nn.Module,
+    x: torch.Tensor,
+    losses: torch.Tensor,
+    *,
+    correct: torch.Tensor | None = None,
+    identity_index: int = 0,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`ranking_quality` of the predictor's scores on the images ``x`` with true ``losses`` [N,C]."""
+    _check_loss_table(x, losses, "predictor_quality")
+    scores = predictor_scores(predictor, x, batch_size).to(losses.device)
+    if scores.shape != losses.shape:
+        raise ValueError(f"the predictor gives {tuple(scores.shape)} scores for losses of shape {tuple(losses.shape)}")
+    return ranking_quality(scores, losses, correct=correct, identity_index=identity_index, seed=seed)
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -305,10 +332,14 @@ def train_predictor(
     *,
     device: torch.device | str,
     identity_index: int = 0,
+    sorter: nn.Module | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train ``predictor`` in place; return its EMA copy (the one to evaluate and save) and the history.
+
+    ``sorter``: the trained SoDeep sorter that ranker ``sodeep`` needs (:func:`ltta.tta.sodeep.ensure_sorter`);
+    it is moved to ``device`` and frozen (its weights never change, as in the public code).
 
     Images: float [N,3,H,W] in [0,1] or uint8 [N,3,H,W] (kept uint8 on the device, converted per
     batch); losses: float [N,C] (column ``identity_index`` is identity). Both sets are moved to
@@ -332,6 +363,12 @@ def train_predictor(
     cosine = lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))  # noqa: E731 - per step, to 0
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     objective = OBJECTIVES.get(cfg.objective)
+    if sorter is not None:
+        # Frozen, but left in train mode: cuDNN's RNN backward (the gradient to the sorter's *input*)
+        # only runs in training mode; the sorters have no dropout or batch norm, so the output is the
+        # same (the public code also calls spearman_loss.train()).
+        sorter.to(dev).train().requires_grad_(False)
+    ranker = build_ranker(cfg.ranker, cfg.rank_temperature, sorter)
     penalised = penalised_parameters(predictor)
     ema = WeightEMA(predictor, cfg.ema_decay)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
@@ -347,7 +384,7 @@ def train_predictor(
             for step in range(steps_per_epoch):
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 xb = predictor_cutout(as_float_images(xt[idx]), side, gen)
-                loss = objective(predictor(xb), lt[idx], cfg)
+                loss = objective(predictor(xb), lt[idx], cfg, ranker)
                 if cfg.weight_decay:
                     loss = loss + cfg.weight_decay * sum(p.norm(2) for p in penalised)
                 if not bool(torch.isfinite(loss)):
@@ -396,5 +433,6 @@ __all__ = [
     "penalised_parameters",
     "predictor_cutout",
     "predictor_quality",
+    "ranking_quality",
     "train_predictor",
 ]

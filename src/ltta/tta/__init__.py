@@ -2,7 +2,9 @@
 
 - :mod:`~ltta.tta.candidates`: the public code's 12 actions x {no flip, flip}, ``build_candidates``
 - :mod:`~ltta.tta.loss_dataset`: the predictor's deformed inputs and per-candidate target losses
-- :mod:`~ltta.tta.ranking`: soft ranks, Spearman loss, the SoDeep-style rank MSE
+- :mod:`~ltta.tta.ranking`: the rankers (pairwise sigmoid, Blondel et al.'s soft rank, a SoDeep
+  sorter), Spearman loss, the SoDeep-style rank MSE
+- :mod:`~ltta.tta.sodeep`: SoDeep's sorter networks, their synthetic training, a cache of trained ones
 - :mod:`~ltta.tta.scoring`: running the predictor, the flip ensemble of its scores
 - :mod:`~ltta.tta.methods`: ``TTA_METHODS`` and ``build_method`` (none, flip, crops, random,
   policy, learned, oracle)
@@ -22,12 +24,22 @@ from ltta.tta.candidates import (
 )
 from ltta.tta.loss_dataset import candidate_losses, copies_per_image, predictor_training_inputs
 from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod, build_method, flops_per_image
-from ltta.tta.ranking import exact_rank, soft_rank, sodeep_style_rank_mse, spearman_loss, spearman_rho
+from ltta.tta.ranking import (
+    RANKERS,
+    build_ranker,
+    exact_rank,
+    pairwise_sigmoid_rank,
+    soft_rank,
+    sodeep_style_rank_mse,
+    spearman_loss,
+    spearman_rho,
+)
 from ltta.tta.scoring import flip_ensemble_probs, predictor_scores
 
 __all__ = [
     "ACTIONS",
     "PAPER_ACTIONS",
+    "RANKERS",
     "TTA_METHODS",
     "Action",
     "ActionFamily",
@@ -37,6 +49,7 @@ __all__ = [
     "apply_candidate",
     "build_candidates",
     "build_method",
+    "build_ranker",
     "candidate_losses",
     "copies_per_image",
     "exact_rank",
@@ -44,6 +57,7 @@ __all__ = [
     "flops_per_image",
     "identity_index",
     "mirror_permutation",
+    "pairwise_sigmoid_rank",
     "parse_candidate",
     "predictor_scores",
     "predictor_training_inputs",
