@@ -298,9 +298,101 @@ def test_opencv_steps_of_spatter() -> None:
     dist = extra.distance_transform_l2_5(nonzero)[0, 0]
     assert dist[2, 4].item() == pytest.approx(1.0) and dist[1, 4].item() == pytest.approx(1.4, abs=1e-4)
     assert dist[0, 4].item() == pytest.approx(2.1969, abs=1e-4) and dist[2, 0].item() == pytest.approx(3.0)
-    assert extra.distance_transform_l2_5(torch.ones(1, 1, 3, 3, dtype=torch.bool)).max() == 8192.0
+    # no zero pixel: OpenCV 3.4's passes leave INIT_DIST0 (2**29 - 1) plus one or two steps
+    far = extra.distance_transform_l2_5(torch.ones(1, 1, 3, 3, dtype=torch.bool))[0, 0]
+    assert far[1, 1].item() == 8194.0 and far.min().item() == 8193.0
     eq = extra.equalize_hist(torch.tensor([0.0, 0, 1, 2]).view(1, 1, 2, 2))
     assert eq.flatten().tolist() == [0.0, 0.0, 128.0, 255.0]  # 127.5 rounds half to even
+
+
+# ---------------------------------------------------------------- fast forms against direct ones
+# The ops use matrix, separable, padded and raster-scan forms for speed; each is pinned here to
+# the direct computation it replaces (a gather through border_index, a 2-D convolution,
+# shortest chamfer paths by relaxation).
+
+BORDER_MODES = ("nearest", "mirror", "reflect", "wrap")
+
+
+@pytest.mark.parametrize("mode", BORDER_MODES)
+def test_pad2d_fast_path_equals_the_border_index_gather(mode: str) -> None:
+    img = torch.rand(2, 3, 7, 9, generator=_gen(0), dtype=torch.float64)
+    for ph, pw in ((1, 2), (6, 8), (7, 9), (15, 20)):  # within one reflection, and beyond it
+        rows = _ops.border_index(torch.arange(-ph, 7 + ph), 7, mode)
+        cols = _ops.border_index(torch.arange(-pw, 9 + pw), 9, mode)
+        assert torch.equal(_ops.pad2d(img, ph, pw, mode), img[..., rows, :][..., cols]), (mode, ph, pw)
+
+
+def _correlate_direct(img: torch.Tensor, kernel: np.ndarray, mode: str) -> torch.Tensor:
+    """2-D correlation of every plane with ``kernel`` (odd, centred) after a border_index pad."""
+    r = kernel.shape[0] // 2
+    n, c, h, w = img.shape
+    rows = _ops.border_index(torch.arange(-r, h + r), h, mode)
+    cols = _ops.border_index(torch.arange(-r, w + r), w, mode)
+    padded = img.reshape(n * c, 1, h, w)[..., rows, :][..., cols]
+    k = torch.as_tensor(kernel, dtype=img.dtype).view(1, 1, *kernel.shape)
+    return torch.nn.functional.conv2d(padded, k).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("mode", BORDER_MODES)
+def test_separable_matrix_filter_equals_direct_correlation(mode: str, x: torch.Tensor) -> None:
+    for sigma in (0.4, 1.0, 6.4):  # radius 2, 4 and (truncate 3) 19: several border folds
+        k = _ops.gaussian_kernel1d(sigma, truncate=3.0)
+        ours = _ops.separable_filter(x.double(), k, k, mode)
+        torch.testing.assert_close(ours, _correlate_direct(x.double(), np.outer(k, k), mode), atol=1e-12, rtol=0)
+    ours32 = _ops.gaussian_filter(x, 0.7, mode=mode)
+    k = _ops.gaussian_kernel1d(0.7)
+    torch.testing.assert_close(ours32, _correlate_direct(x, np.outer(k, k), mode), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("s", sev.SEVERITIES)
+def test_defocus_separable_terms_equal_the_2d_filter(s: int, x: torch.Tensor) -> None:
+    kernel = blur.disk_kernel(*sev.DEFOCUS_BLUR[s - 1])
+    terms = _ops.separable_terms(tuple(tuple(float(v) for v in row) for row in kernel))
+    assert len(terms) == (2 if s == 4 else 1)  # a point / 3x3 square: rank 1; the radius-1 cross: 2
+    ref = _correlate_direct(x.double(), kernel.astype(np.float64), "mirror").clamp(0, 1)
+    torch.testing.assert_close(CORRUPTIONS.get("defocus_blur")(x, s, _gen()).double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_ops.filter2d(x.double(), kernel), _correlate_direct(x.double(), kernel, "mirror"), atol=1e-12, rtol=0)
+
+
+def test_bilinear_sample_padding_equals_per_neighbour_borders() -> None:
+    img = torch.rand(3, 2, 8, 8, generator=_gen(1), dtype=torch.float64)
+    ys = torch.rand(3, 8, 8, generator=_gen(2), dtype=torch.float64) * 30 - 11  # well past both borders
+    xs = torch.rand(3, 8, 8, generator=_gen(3), dtype=torch.float64) * 30 - 11
+    for mode in ("nearest", "mirror", "reflect"):
+        y0, x0 = torch.floor(ys).long(), torch.floor(xs).long()
+        fy, fx = (ys - y0).unsqueeze(1), (xs - x0).unsqueeze(1)
+
+        def at(r: torch.Tensor, c: torch.Tensor, mode: str = mode) -> torch.Tensor:
+            return _ops.gather_pixels(img, _ops.border_index(r, 8, mode), _ops.border_index(c, 8, mode))
+
+        ref = (at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx) * (1 - fy) + (at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx) * fy
+        assert torch.equal(_ops.bilinear_sample(img, ys, xs, mode), ref), mode
+
+
+def _chamfer_relaxation(nonzero: torch.Tensor) -> torch.Tensor:
+    """Shortest paths under the 5x5 chamfer steps inside the image, by relaxation until stable."""
+    hv, diag, knight = extra._CHAMFER5
+    inf = 1 << 40
+    d = torch.where(nonzero, inf, 0).to(torch.int64)
+    steps = [(0, 1, hv), (0, -1, hv), (1, 0, hv), (-1, 0, hv), (1, 1, diag), (1, -1, diag), (-1, 1, diag), (-1, -1, diag)]
+    steps += [(a, b, knight) for a, b in ((1, 2), (2, 1), (-1, 2), (-2, 1), (1, -2), (2, -1), (-1, -2), (-2, -1))]
+    h, w = d.shape[-2:]
+    while True:
+        p = torch.nn.functional.pad(d, (2, 2, 2, 2), value=inf)
+        best = d
+        for dy, dx, wgt in steps:
+            best = torch.minimum(best, p[..., 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w] + wgt)
+        if torch.equal(best, d):
+            return (d.to(torch.float64) / 65536).to(torch.float32)
+        d = best
+
+
+def test_distance_transform_raster_passes_equal_shortest_chamfer_paths() -> None:
+    g = _gen(4)
+    for p, (h, w) in ((0.05, (32, 32)), (0.5, (32, 32)), (0.97, (32, 32)), (0.9, (13, 29))):
+        nz = torch.rand(64, 1, h, w, generator=g) < p
+        nz[:, 0, h // 2, w // 3] = False  # at least one zero pixel per image
+        assert torch.equal(extra.distance_transform_l2_5(nz), _chamfer_relaxation(nz)), p
 
 
 # ---------------------------------------------------------------- uint8 API and file layout
@@ -448,7 +540,7 @@ def test_reference_opencv_steps() -> None:
         np.testing.assert_array_equal(ours_edges, canny > 0)
         dist = cv2.distanceTransform(255 - canny, cv2.DIST_L2, 5)
         ours_dist = extra.distance_transform_l2_5(torch.from_numpy(canny == 0)[None, None])[0, 0].numpy()
-        np.testing.assert_allclose(ours_dist, np.minimum(dist, 8192), atol=1e-4)
+        np.testing.assert_allclose(np.minimum(ours_dist, 8192), np.minimum(dist, 8192), atol=1e-4)
         _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
         dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
         dist = cv2.filter2D(dist, cv2.CV_8U, np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], np.float32))

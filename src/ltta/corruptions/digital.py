@@ -7,6 +7,8 @@ Reference: hendrycks/robustness ``ImageNet-C/create_c/make_cifar_c.py``. Pixelat
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torchvision
@@ -28,7 +30,7 @@ def brightness(x: torch.Tensor, severity: int, generator: torch.Generator) -> to
     """HSV value + c (clipped), via skimage's rgb2hsv / hsv2rgb."""
     c = sev.level(sev.BRIGHTNESS, severity)
     hsv = rgb2hsv(x)
-    hsv = torch.cat((hsv[:, :2], (hsv[:, 2:] + c).clamp(0, 1)), dim=1)
+    hsv[:, 2].add_(c).clamp_(0, 1)
     return hsv2rgb(hsv).clamp(0, 1)
 
 
@@ -37,7 +39,7 @@ def saturate(x: torch.Tensor, severity: int, generator: torch.Generator) -> torc
     """HSV saturation s * a + b (clipped), via skimage's rgb2hsv / hsv2rgb."""
     a, b = sev.level(sev.SATURATE, severity)
     hsv = rgb2hsv(x)
-    hsv = torch.cat((hsv[:, :1], (hsv[:, 1:2] * a + b).clamp(0, 1), hsv[:, 2:]), dim=1)
+    hsv[:, 1].mul_(a).add_(b).clamp_(0, 1)
     return hsv2rgb(hsv).clamp(0, 1)
 
 
@@ -160,13 +162,22 @@ def pil_box_coeffs(in_size: int, out_size: int) -> np.ndarray:
     return np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5))
 
 
-def _pil_pass(levels: torch.Tensor, coeffs: np.ndarray, dim: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _pil_box_tensor(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """:func:`pil_box_coeffs` as a float64 tensor, built once per (sizes, device)."""
+    return torch.as_tensor(pil_box_coeffs(in_size, out_size), dtype=torch.float64, device=device)
+
+
+def _pil_pass(levels: torch.Tensor, in_size: int, out_size: int, dim: int) -> torch.Tensor:
     """One Pillow 8-bit resampling pass along ``dim`` (-1: horizontal, -2: vertical): integer
-    accumulation with rounding offset 2**21, shift by 22 bits, clip to 0..255."""
-    k = torch.as_tensor(coeffs, dtype=torch.float64, device=levels.device)
+    accumulation with rounding offset 2**21, shift by 22 bits, clip to 0..255. The sums of
+    integer coefficients times levels stay below 2**31, so float64 holds them exactly; the
+    shift is an exact multiplication by 2**-22 and a floor, done in place."""
+    k = _pil_box_tensor(in_size, out_size, levels.device)
     v = levels.to(torch.float64)
-    acc = v @ k.T if dim == -1 else k @ v
-    return torch.floor((acc + (1 << (_PIL_PRECISION_BITS - 1))) / (1 << _PIL_PRECISION_BITS)).clamp(0, 255)
+    acc = v @ k.T if dim == -1 else torch.matmul(k, v)
+    acc.add_(1 << (_PIL_PRECISION_BITS - 1)).mul_(1.0 / (1 << _PIL_PRECISION_BITS)).floor_()
+    return acc.clamp_(0, 255)
 
 
 def pil_resize_box(levels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -176,9 +187,9 @@ def pil_resize_box(levels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     out_w, out_h = size
     y = levels
     if out_w != w:
-        y = _pil_pass(y, pil_box_coeffs(w, out_w), -1)
+        y = _pil_pass(y, w, out_w, -1)
     if out_h != h:
-        y = _pil_pass(y, pil_box_coeffs(h, out_h), -2)
+        y = _pil_pass(y, h, out_h, -2)
     return y
 
 

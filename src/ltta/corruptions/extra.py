@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ltta.corruptions import severity as sev
-from ltta.corruptions._ops import filter2d, gaussian_filter, pad2d
+from ltta.corruptions._ops import filter2d, gaussian_filter, pad2d, separable_filter
 from ltta.corruptions.base import CORRUPTIONS
 
 # pale turquoise (175, 238, 238) added to R, G, B (the reference builds it as "BGR" but applies it
@@ -45,9 +45,9 @@ def canny(levels: torch.Tensor, low: float, high: float) -> torch.Tensor:
     (m > low and locally maximal) that contain a pixel with m > high. (OpenCV's stack tracking
     reaches exactly those components.)
     """
-    v = levels.to(torch.int64)
-    p = pad2d(v, 1, 1, "nearest")
-    h, w = v.shape[-2:]
+    # integer levels and gradients (|g| <= 1020, the fixed-point products < 2**31): int32 is exact
+    p = pad2d(levels.to(torch.float32), 1, 1, "nearest").to(torch.int32)
+    h, w = levels.shape[-2:]
 
     def at(dy: int, dx: int) -> torch.Tensor:
         return p[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
@@ -55,9 +55,8 @@ def canny(levels: torch.Tensor, low: float, high: float) -> torch.Tensor:
     gx = (at(-1, 1) + 2 * at(0, 1) + at(1, 1)) - (at(-1, -1) + 2 * at(0, -1) + at(1, -1))
     gy = (at(1, -1) + 2 * at(1, 0) + at(1, 1)) - (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1))
     mag = gx.abs() + gy.abs()
-    mf = mag.to(torch.float64)
-    left, right = _shift(mf, 0, -1, 0.0), _shift(mf, 0, 1, 0.0)
-    up, down = _shift(mf, -1, 0, 0.0), _shift(mf, 1, 0, 0.0)
+    left, right = _shift(mag, 0, -1, 0), _shift(mag, 0, 1, 0)
+    up, down = _shift(mag, -1, 0, 0), _shift(mag, 1, 0, 0)
     ax, ay = gx.abs(), gy.abs() << 15
     tg22x = ax * _TG22
     tg67x = tg22x + (ax << 16)
@@ -65,61 +64,90 @@ def canny(levels: torch.Tensor, low: float, high: float) -> torch.Tensor:
     vertical = ~horizontal & (ay > tg67x)
     s_neg = (gx ^ gy) < 0  # s = -1
     # diagonal neighbours: previous row at column j - s, next row at column j + s
-    d1 = torch.where(s_neg, _shift(mf, -1, 1, 0.0), _shift(mf, -1, -1, 0.0))
-    d2 = torch.where(s_neg, _shift(mf, 1, -1, 0.0), _shift(mf, 1, 1, 0.0))
+    d1 = torch.where(s_neg, _shift(mag, -1, 1, 0), _shift(mag, -1, -1, 0))
+    d2 = torch.where(s_neg, _shift(mag, 1, -1, 0), _shift(mag, 1, 1, 0))
     keep = torch.where(
         horizontal,
-        (mf > left) & (mf >= right),
-        torch.where(vertical, (mf > up) & (mf >= down), (mf > d1) & (mf > d2)),
+        (mag > left) & (mag >= right),
+        torch.where(vertical, (mag > up) & (mag >= down), (mag > d1) & (mag > d2)),
     )
     cand = keep & (mag > math.floor(low))  # cvFloor of the thresholds
     edges = cand & (mag > math.floor(high))
     while True:
-        grown = cand & (F.max_pool2d(edges.to(torch.float32), 3, stride=1, padding=1) > 0)
+        grown = cand & _dilate3(edges)
         if torch.equal(grown, edges):
             return edges
         edges = grown
 
 
+def _dilate3(mask: torch.Tensor) -> torch.Tensor:
+    """Binary dilation of a bool mask [..., H, W] by a 3x3 square (8-neighbourhood), nothing outside:
+    a row pass and a column pass of ORs over shifted slices."""
+    p = F.pad(mask.to(torch.uint8), (1, 1, 1, 1))
+    r = p[..., :, :-2] | p[..., :, 1:-1] | p[..., :, 2:]
+    return (r[..., :-2, :] | r[..., 1:-1, :] | r[..., 2:, :]).bool()
+
+
 _DIST_SHIFT = 16
-_DIST_MAX = (2**31 - 1) >> 2
+_INIT_DIST0 = (2**31 - 1) >> 2  # distransform.cpp INIT_DIST0: pixels outside the image
 # cv2.distanceTransform(DIST_L2, maskSize=5): chamfer weights 1, 1.4, 2.1969 (distransform.cpp),
 # as fixed point cvRound(w * 2**16).
 _CHAMFER5 = (round(1.0 * 65536), round(1.4 * 65536), round(2.1969 * 65536))
+
+
+def _row_scan(c: torch.Tensor, step: int, reverse: bool) -> torch.Tensor:
+    """``d[j] = min(c[j], d[j-1] + step)`` along the last dim (``d[j+1]`` if ``reverse``), with the
+    pixel beyond the row's start at INIT_DIST0: the in-row part of one OpenCV raster pass, as a
+    cumulative minimum of ``c[k] - step * k`` (integers, so exact)."""
+    w = c.shape[-1]
+    ramp = torch.arange(w, device=c.device, dtype=c.dtype) * step
+    if reverse:
+        c = c.flip(-1)
+    d = torch.minimum(torch.cummin(c - ramp, dim=-1).values + ramp, _INIT_DIST0 + step + ramp)
+    return d.flip(-1) if reverse else d
 
 
 def distance_transform_l2_5(nonzero: torch.Tensor) -> torch.Tensor:
     """cv2.distanceTransform(src, DIST_L2, 5): float32 distance of every pixel to the nearest zero
     pixel under the 5x5 chamfer metric; [N,1,H,W] bool (True = nonzero) -> float.
 
-    OpenCV runs two raster passes over fixed-point sums, with pixels outside the image never
-    sources; this computes the same shortest chamfer paths by relaxation until nothing changes.
-    Images with no zero pixel get OpenCV's cap DIST_MAX / 2**16.
+    OpenCV's own two raster passes (distransform.cpp, distanceTransform_5x5) on fixed-point
+    integers, with its INIT_DIST0 border: the forward pass takes each pixel's minimum over the
+    five-by-five mask's upper half (rows i-2, i-1) and its left neighbour, the backward pass the
+    mirrored half and its right neighbour. Rows are vectorised over the batch; the in-row
+    dependency is a cumulative minimum (:func:`_row_scan`). Integer sums, so the result is exact,
+    including images without a zero pixel (OpenCV's values near INIT_DIST0 / 2**16).
     """
-    hv, diag, knight = _CHAMFER5
-    inf = 1 << 40
-    d = torch.where(nonzero, torch.full_like(nonzero, inf, dtype=torch.int64), torch.zeros_like(nonzero, dtype=torch.int64))
-    steps = [(0, 1, hv), (0, -1, hv), (1, 0, hv), (-1, 0, hv), (1, 1, diag), (1, -1, diag), (-1, 1, diag), (-1, -1, diag)]
-    steps += [(a, b, knight) for a, b in ((1, 2), (2, 1), (-1, 2), (-2, 1), (1, -2), (2, -1), (-1, -2), (-2, -1))]
-    while True:
-        best = d
-        for dy, dx, wgt in steps:
-            best = torch.minimum(best, _shift(d, dy, dx, inf) + wgt)
-        if torch.equal(best, d):
-            break
-        d = best
-    d = d.clamp(max=_DIST_MAX)
+    hv, diag, lng = _CHAMFER5
+    n, c, h, w = nonzero.shape
+    nz = nonzero.reshape(n * c, h, w)
+    t = torch.full((n * c, h + 4, w + 4), _INIT_DIST0, dtype=torch.int64, device=nonzero.device)
+    zero = torch.zeros((), dtype=torch.int64, device=nonzero.device)
+    # column j of the image is column j + 2 of t; row i is row i + 2
+    for i in range(h):
+        r2, r1 = t[:, i], t[:, i + 1]
+        m = torch.minimum(r2[:, 1 : w + 1], r2[:, 3 : w + 3]) + lng
+        m = torch.minimum(m, torch.minimum(r1[:, 0:w], r1[:, 4 : w + 4]) + lng)
+        m = torch.minimum(m, torch.minimum(r1[:, 1 : w + 1], r1[:, 3 : w + 3]) + diag)
+        m = torch.minimum(m, r1[:, 2 : w + 2] + hv)
+        t[:, i + 2, 2 : w + 2] = _row_scan(torch.where(nz[:, i], m, zero), hv, reverse=False)
+    for i in range(h - 1, -1, -1):
+        r1, r2 = t[:, i + 3], t[:, i + 4]
+        m = torch.minimum(r2[:, 1 : w + 1], r2[:, 3 : w + 3]) + lng
+        m = torch.minimum(m, torch.minimum(r1[:, 0:w], r1[:, 4 : w + 4]) + lng)
+        m = torch.minimum(m, torch.minimum(r1[:, 1 : w + 1], r1[:, 3 : w + 3]) + diag)
+        m = torch.minimum(m, r1[:, 2 : w + 2] + hv)
+        t[:, i + 2, 2 : w + 2] = _row_scan(torch.minimum(t[:, i + 2, 2 : w + 2], m), hv, reverse=True)
+    d = t[:, 2 : h + 2, 2 : w + 2].reshape(n, c, h, w)
     return (d.to(torch.float64) / (1 << _DIST_SHIFT)).to(torch.float32)
 
 
 def box_blur3(x: torch.Tensor) -> torch.Tensor:
     """cv2.blur(x, (3, 3)), BORDER_REFLECT_101: exact sums in float64 times 1/9 (as OpenCV's
-    normalised box filter), returned in float64."""
-    k = torch.ones(3, dtype=torch.float64, device=x.device)
-    p = pad2d(x.to(torch.float64), 1, 1, "mirror")
-    n, c, h, w = x.shape
-    s = F.conv2d(p.reshape(n * c, 1, h + 2, w + 2), k.view(1, 1, 3, 1) * k.view(1, 1, 1, 3)).reshape(n, c, h, w)
-    return s * (1.0 / 9.0)
+    normalised box filter), returned in float64. The inputs here are multiples of 2**-16 below
+    256, so the float64 sums are exact in any order (a separable pass of ones)."""
+    ones = (1.0, 1.0, 1.0)
+    return separable_filter(x.to(torch.float64), ones, ones, "mirror") * (1.0 / 9.0)
 
 
 def equalize_hist(levels: torch.Tensor) -> torch.Tensor:
@@ -147,7 +175,7 @@ def equalize_hist(levels: torch.Tensor) -> torch.Tensor:
 def liquid_mask(layer: torch.Tensor, intensity: float) -> torch.Tensor:
     """The water-drop map m [N,1,H,W] of the liquid branch, from the thresholded layer."""
     # (liquid * 255).astype(uint8): truncation; values above 255 wrap modulo 256 as numpy's cast does on x86
-    lv = torch.remainder(torch.trunc(layer * 255.0), 256.0)
+    lv = (torch.trunc(layer * 255.0).to(torch.int64) & 255).to(layer.dtype)
     edges = canny(lv, 50, 150)
     dist = distance_transform_l2_5(~edges)  # 255 - Canny: edges are the zeros
     dist = dist.clamp(max=20.0)  # cv2.threshold(dist, 20, 20, THRESH_TRUNC)
