@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ltta.corruptions.names import ALL_CORRUPTIONS
+from ltta.corruptions.names import ALL_CORRUPTIONS, EXTRA, FAMILIES
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
@@ -59,12 +59,21 @@ class CorruptionParams(_Section):
     _known = field_validator("names")(classmethod(lambda cls, v: known_corruptions(v)))
 
 
+#: train_target.policy's default: a policy whose one op never fires (conf/policies/none.json).
+NO_POLICY = "conf/policies/none.json"
+
+
 class TrainTargetParams(_Section):
     arch: str = "small_cnn"
     width: PositiveInt | None = None  # architecture width (small_cnn); None: the architecture's default
-    # standard: crop+flip; augmix: + AugMix views and the JSD consistency loss (Hendrycks et al. 2020).
-    # (The policy mode exists in the library; its stage wiring, with the policy as a DVC dep, comes with issue 5.)
-    mode: Literal["standard", "augmix"] = "standard"
+    # standard: crop+flip; augmix: + AugMix views and the JSD consistency loss (Hendrycks et al. 2020);
+    # policy: a Fast AutoAugment policy (``policy``) before crop/flip, then ``cutout`` (Lim et al. 2019);
+    # auxiliary: Auxiliary Training's heads, selective BN and self-distillation (Zhang et al., CVPR 2020).
+    mode: Literal["standard", "augmix", "policy", "auxiliary"] = "standard"
+    # The policy file mode ``policy`` trains with, and a DVC dep of train_target in every mode: the
+    # default is the empty policy, so other modes do not wait for (or rerun after) the search.
+    policy: str = NO_POLICY
+    cutout: Annotated[int, Field(ge=0)] = 0  # side in px of the training cutout after crop/flip (FAA: 16), 0: off
     epochs: PositiveInt = 15
     batch_size: PositiveInt = 128
     lr: Annotated[float, Field(gt=0.0)] = 0.1  # peak learning rate (SGD)
@@ -75,16 +84,50 @@ class TrainTargetParams(_Section):
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
+    # reduce-overhead: CUDA graphs (the fast path at batch 128 on a GPU); see TrainConfig.compile_mode
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "reduce-overhead"
     min_lr: Annotated[float, Field(ge=0.0)] = 0.0  # floor of the cosine schedule (AugMix: 1e-6)
     jsd_weight: Annotated[float, Field(ge=0.0)] = 12.0  # augmix: weight of the Jensen-Shannon term
     augmix_width: PositiveInt = 3  # augmix: chains per mixture
     augmix_depth: Annotated[int, Field(ge=-1, le=10)] = -1  # augmix: ops per chain (-1: uniform 1..3)
     augmix_severity: Annotated[int, Field(ge=1, le=10)] = 3  # augmix: op strength
+    # auxiliary (TrainConfig.aux_*; ltta.training.auxiliary): one head per family, the reference's weights.
+    aux_families: list[Literal["blur", "noise", "contrast", "rotate"]] = Field(
+        default_factory=lambda: ["blur", "noise", "contrast", "rotate"], min_length=1
+    )
+    aux_ce_weight: Annotated[float, Field(ge=0.0)] = 0.05  # each head's cross-entropy (alpha)
+    aux_distill_weight: Annotated[float, Field(ge=0.0)] = 0.05  # each head's KL to the clean prediction (lambda)
+    aux_temperature: Annotated[float, Field(gt=0.0)] = 1.0  # distillation temperature
+    aux_merge_weight: Annotated[float, Field(ge=0.0)] = 1.0  # L2 tying the heads' fc to the primary fc, once on
+    aux_merge_start: Probability = 0.857  # fraction of the epochs before that penalty is on (180 of 210)
+    # Benchmark corruptions mixed into the training images (studies augmix_plus and blur_train), each
+    # image corrupted with probability corruption_p; the 4 extras never (Params._held_out_stays_out).
+    corruptions: list[str] = Field(default_factory=list)
+    corruption_p: Probability = 0.4
+
+    _known = field_validator("corruptions")(classmethod(lambda cls, v: known_corruptions(v)))
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainTargetParams:
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"train_target.warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
+        return self
+
+    @model_validator(mode="after")
+    def _policy_fits_mode(self) -> TrainTargetParams:
+        if self.mode == "policy" and self.policy == NO_POLICY:
+            raise ValueError(
+                "train_target.mode is 'policy' but train_target.policy is the empty policy; set train_target.policy: "
+                "policies/faa.json (the search_policy stage's output) or the path of another policy file"
+            )
+        if self.mode == "augmix" and self.cutout:
+            raise ValueError("train_target.cutout must be 0 with mode 'augmix' (AugMix's recipe has no cutout)")
+        if self.mode == "auxiliary" and self.cutout:
+            raise ValueError(
+                "train_target.cutout must be 0 with mode 'auxiliary' (Auxiliary Training's recipe has no cutout)"
+            )
+        if len(set(self.aux_families)) != len(self.aux_families):
+            raise ValueError(f"train_target.aux_families must not repeat a family (got {self.aux_families})")
         return self
 
 
@@ -166,6 +209,9 @@ class TrackingParams(_Section):
 
 class Params(_Section):
     profile: str = "digits"  # name of the profile these values came from (informational)
+    study: str = "standard"  # name of the study (conf/study/) these values came from (informational)
+    # The corruption family held out of every training (conf/unseen/): checked against the lists below.
+    unseen: Literal["none", "noise", "blur", "weather", "digital"] = "none"
     seed: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataParams
@@ -176,6 +222,22 @@ class Params(_Section):
     search_policy: SearchPolicyParams
     evaluate: EvaluateParams
     tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _held_out_stays_out(self) -> Params:
+        """The 4 extras, and the ``unseen`` family, are test-only: neither the predictor's inputs nor
+        the target's training images may contain them (the public code trains on the 15 only)."""
+        held_out = set(EXTRA) | (set(FAMILIES[self.unseen]) if self.unseen != "none" else set())
+        for key, names in (("loss_dataset.corruptions", self.loss_dataset.corruptions),
+                           ("train_target.corruptions", self.train_target.corruptions)):
+            leaked = [n for n in names if n in held_out]
+            if leaked:
+                why = f"the unseen family {self.unseen!r} and " if self.unseen != "none" else ""
+                raise ValueError(
+                    f"{key} contains {leaked}, but {why}the extras ({', '.join(EXTRA)}) are held out of training; "
+                    f"remove them from {key} (or choose another unseen family)"
+                )
+        return self
 
 
 class ParamsError(ValueError):
@@ -191,7 +253,7 @@ def _format_errors(err: ValidationError) -> str:
             msg = "unknown key (check the spelling; see params.yaml's documented keys)"
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
-        elif "input" in e and e["type"] not in ("missing",):
+        elif "input" in e and e["type"] not in ("missing",) and e["loc"]:  # not a whole-file check's input
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)

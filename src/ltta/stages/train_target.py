@@ -1,12 +1,20 @@
 """Stage train_target: train the classifier whose robustness TTA should buy back.
 
+Mode ``policy`` trains with the Fast AutoAugment policy file ``train_target.policy`` (e.g. the
+search_policy stage's ``policies/faa.json``), a DVC dep of this stage.
+
 Outputs: ``models/target.pt``, ``metrics/target.json``, ``plots/target_curve.csv`` (per-epoch loss,
 error, lr, images/s). A checkpoint under ``checkpoints/`` keyed by the params makes a killed run
 resume where it stopped; other params start fresh.
+
+``torchrun --nproc_per_node=W -m ltta.cli train-target`` trains data-parallel on W GPUs (or W CPU
+processes with gloo): ``batch_size`` stays the global batch, rank 0 alone logs to MLflow and
+writes the outputs (:mod:`ltta.training.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -19,9 +27,11 @@ from ltta.config import Params
 from ltta.io import atomic_path, load_npz, write_json
 from ltta.model_io import save_model_file
 from ltta.models import build_model
-from ltta.runtime import resolve_device, seed_everything, to_float_nchw
+from ltta.runtime import seed_everything, to_float_nchw
 from ltta.stages.base import Paths, mlflow_stage
+from ltta.training.distributed import DistContext, distributed_session
 from ltta.training.target import TrainConfig, evaluate_classifier, train_classifier
+from ltta.transforms.policy import CompiledPolicy, load_policy
 
 STAGE = "train_target"
 
@@ -45,8 +55,14 @@ def write_curve(path: Any, history: list[dict[str, Any]]) -> None:
 
 
 def run(params: Params, paths: Paths = Paths()) -> None:
+    # Launched by torchrun: a process group and one device per process; otherwise a no-op.
+    with distributed_session(params.device) as proc:
+        _run(params, paths, proc)
+
+
+def _run(params: Params, paths: Paths, proc: DistContext) -> None:
     p = params.train_target
-    device = resolve_device(params.device)
+    device = proc.device
     seed_everything(params.seed)
     train = load_npz(paths.prepared / "train.npz", required=("x", "y"))
     test = load_npz(paths.prepared / "test.npz", required=("x", "y"))
@@ -62,28 +78,45 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         warmup_epochs=p.warmup_epochs,
         min_lr=p.min_lr,
         mode=p.mode,
+        cutout=p.cutout,
         augment="standard",
         jsd_weight=p.jsd_weight,
         augmix_width=p.augmix_width,
         augmix_depth=p.augmix_depth,
         augmix_severity=p.augmix_severity,
+        aux_families=tuple(p.aux_families),  # mode auxiliary: the heads are attached for the run only
+        aux_ce_weight=p.aux_ce_weight,
+        aux_distill_weight=p.aux_distill_weight,
+        aux_temperature=p.aux_temperature,
+        aux_merge_weight=p.aux_merge_weight,
+        aux_merge_start=p.aux_merge_start,
+        corruptions=tuple(p.corruptions),  # the studies augmix_plus / blur_train (conf/study/)
+        corruption_p=p.corruption_p,
         amp=p.amp,
         channels_last=p.channels_last,
         compile=p.compile,
+        compile_mode=p.compile_mode,
         seed=params.seed,
     )
     kwargs = model_kwargs(p.width, meta)
-    fingerprint = hashlib.sha256(json.dumps([p.model_dump(), kwargs, params.seed], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    policy = load_policy(paths.root / p.policy) if p.mode == "policy" else None
+    policy_digest = hashlib.sha256((paths.root / p.policy).read_bytes()).hexdigest() if policy is not None else None
+    fingerprint = hashlib.sha256(
+        json.dumps([p.model_dump(), kwargs, params.seed, policy_digest], sort_keys=True, default=str).encode()
+    ).hexdigest()[:12]
     ckpt = paths.checkpoints / f"target-{fingerprint}.pt"
 
-    with mlflow_stage(STAGE, params, ("train_target",)):
+    with mlflow_stage(STAGE, params, ("train_target",)) if proc.is_main else contextlib.nullcontext():
         model = build_model(p.arch, **kwargs).to(device)
         x_tr, y_tr = to_float_nchw(train["x"], device), torch.as_tensor(train["y"], device=device)
         x_te, y_te = to_float_nchw(test["x"], device), torch.as_tensor(test["y"], device=device)
         history = train_classifier(
             model, x_tr, y_tr, cfg, x_val=x_te, y_val=y_te, checkpoint_path=ckpt,
             on_epoch=lambda row: tracking.log_metrics(row, step=int(row["epoch"])),
+            extra_augment=CompiledPolicy(policy, device) if policy is not None else None,
         )
+        if not proc.is_main:
+            return  # rank 0 writes the outputs; the others wait at the session's closing barrier
         final = evaluate_classifier(model, x_te, y_te)
         save_model_file(paths.target, model, p.arch, kwargs, extra={"classes": meta["classes"], "history": history})
         metrics = {
