@@ -381,18 +381,25 @@ def check_cell(
     wrong_ours = np.zeros(n)
     wrong_ref = np.zeros(n)
     pert_ours = pert_ref = t_ours = t_ref = 0.0
+    per_draw: dict[str, list[float]] = {"error_ours": [], "error_ref": [], "perturbation_ours": [], "perturbation_ref": []}
     for r in range(draws):
         cell_seed = derive_seed(seed + r, name, severity)
         o, dt_o = _timed(lambda: corrupt_images(x_eval, name, severity, seed=cell_seed))
         f, dt_f = _timed(lambda: reference_corrupt(ref_fn, x_eval, severity, cell_seed))
         if r == 0:
             ours, ref = o, f
-        wrong_ours += clf.wrong(o, y_eval) / draws
-        wrong_ref += clf.wrong(f, y_eval) / draws
-        pert_ours += mean_abs_diff(o, x_eval) / draws
-        pert_ref += mean_abs_diff(f, x_eval) / draws
+        w_o, w_f = clf.wrong(o, y_eval), clf.wrong(f, y_eval)
+        p_o, p_f = mean_abs_diff(o, x_eval), mean_abs_diff(f, x_eval)
+        wrong_ours += w_o / draws
+        wrong_ref += w_f / draws
+        pert_ours += p_o / draws
+        pert_ref += p_f / draws
         t_ours += dt_o
         t_ref += dt_f
+        per_draw["error_ours"].append(float(w_o.mean()))
+        per_draw["error_ref"].append(float(w_f.mean()))
+        per_draw["perturbation_ours"].append(p_o)
+        per_draw["perturbation_ref"].append(p_f)
     err_ours, err_ref = float(wrong_ours.mean()), float(wrong_ref.mean())
     shared_mad = None
     if name in SHARED_DRAWS:  # the first draw's reference output, against ours on its draws
@@ -429,7 +436,40 @@ def check_cell(
         # A miss smaller than two paired standard errors is what sampling alone produces often.
         row["within_2_std"] = abs(row["error_diff_points"]) <= 2 * row["error_diff_paired_std_points"]
         row["perturbation_flag"] = abs(row["perturbation_rel_diff"]) > PERTURBATION_REL_TOL
+        row["per_draw"] = per_draw
+        if draws >= 2:
+            row["draw_spread"] = {
+                "error_points": draw_spread(per_draw["error_ours"], per_draw["error_ref"], scale=100.0),
+                "perturbation": draw_spread(per_draw["perturbation_ours"], per_draw["perturbation_ref"]),
+            }
     return row
+
+
+def draw_spread(ours: list[float], ref: list[float], scale: float = 1.0) -> dict[str, Any]:
+    """Draw-to-draw statistics of one quantity measured on K draws of each generator.
+
+    The reference's own draws give the noise a difference has to be judged against: its mean,
+    standard deviation (ddof 1) and range, whether our mean lies inside that range, and the
+    difference of the means with its standard error ``sqrt(sd_ours^2 / K + sd_ref^2 / K)``
+    (two independent sets of draws; ``z`` is the difference over it).
+    """
+    o = np.asarray(ours, dtype=np.float64) * scale
+    f = np.asarray(ref, dtype=np.float64) * scale
+    diff = float(o.mean() - f.mean())
+    se = math.sqrt(o.var(ddof=1) / len(o) + f.var(ddof=1) / len(f))
+    return {
+        "draws": len(o),
+        "ours_mean": float(o.mean()),
+        "ours_std": float(o.std(ddof=1)),
+        "ref_mean": float(f.mean()),
+        "ref_std": float(f.std(ddof=1)),
+        "ref_min": float(f.min()),
+        "ref_max": float(f.max()),
+        "ours_mean_within_ref_range": bool(f.min() <= o.mean() <= f.max()),
+        "diff": diff,
+        "diff_se": se,
+        "z": diff / se if se > 0 else (0.0 if diff == 0 else math.inf),
+    }
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -459,9 +499,25 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "ref_images_per_s": n_img / ref_s,
                 "ours_images_per_s": n_img / ours_s,
                 "speedup": ref_s / ours_s,
+                "draw_spread": pooled_spread(cells),
             }
         )
     return out
+
+
+def pooled_spread(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Draw-to-draw spread of a corruption's 5-severity means: draw r of every severity pooled,
+    giving K values per generator (None unless every cell has 2+ draws)."""
+    if not cells or not all(r.get("draw_spread") for r in cells):
+        return None
+
+    def pooled(key: str) -> list[float]:
+        return [float(v) for v in np.mean([r["per_draw"][key] for r in cells], axis=0)]
+
+    return {
+        "error_points": draw_spread(pooled("error_ours"), pooled("error_ref"), scale=100.0),
+        "perturbation": draw_spread(pooled("perturbation_ours"), pooled("perturbation_ref")),
+    }
 
 
 # ---------------------------------------------------------------- report
@@ -524,6 +580,28 @@ def markdown_tables(rows: list[dict[str, Any]], summary: list[dict[str, Any]], m
             f"{s['cells_passed']}/{s['cells']} | {s['ref_images_per_s']:.0f} | {s['ours_images_per_s']:.0f} | "
             f"{s['speedup']:.1f}x |"
         )
+    spread_rows = [r for r in rows if r.get("draw_spread")]
+    if spread_rows:
+        lines += [
+            "",
+            f"Draw-to-draw spread ({spread_rows[0]['draw_spread']['error_points']['draws']} draws per generator, seeds "
+            "seed..seed+K-1): mean ± std over draws of the classifier error (%) and of the perturbation "
+            "(levels); 'in range': our mean lies within the reference's [min, max] over its draws; "
+            "d = ours - ref with the standard error of a difference of two K-draw means.",
+            "",
+            "| corruption | s | err ours | err ref | ref range | in range | d err (pt) | se | pert ours | pert ref | in range | d pert | se |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        pooled_rows = [{"corruption": p["corruption"], "severity": "all", "draw_spread": p["draw_spread"]} for p in summary if p.get("draw_spread")]
+        for r in spread_rows + pooled_rows:
+            e, p = r["draw_spread"]["error_points"], r["draw_spread"]["perturbation"]
+            lines.append(
+                f"| {r['corruption']} | {r['severity']} | {e['ours_mean']:.2f} ± {e['ours_std']:.2f} | "
+                f"{e['ref_mean']:.2f} ± {e['ref_std']:.2f} | {e['ref_min']:.2f}-{e['ref_max']:.2f} | "
+                f"{'yes' if e['ours_mean_within_ref_range'] else 'NO'} | {e['diff']:+.2f} | {e['diff_se']:.2f} | "
+                f"{p['ours_mean']:.3f} ± {p['ours_std']:.3f} | {p['ref_mean']:.3f} ± {p['ref_std']:.3f} | "
+                f"{'yes' if p['ours_mean_within_ref_range'] else 'NO'} | {p['diff']:+.3f} | {p['diff_se']:.3f} |"
+            )
     if meta.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items())]
     return "\n".join(lines) + "\n"
@@ -555,7 +633,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, help="draws of each random corruption per side (noise / R)")
+    p.add_argument(
+        "--repeats", type=int, default=1,
+        help="draws of each random corruption per side (seeds seed..seed+R-1): averaged errors (noise / R) and, "
+        "from 2 on, the draw-to-draw spread of both generators",
+    )
     p.add_argument("--classifier-cache", default=None, help="save/reload the trained classifier here (keyed by its settings)")
     p.add_argument("--corruptions", nargs="*", default=list(ALL_CORRUPTIONS), help="subset of names (default: all 19)")
     p.add_argument("--severities", nargs="*", type=int, default=[1, 2, 3, 4, 5])

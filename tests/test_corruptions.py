@@ -367,6 +367,9 @@ def test_bilinear_sample_padding_equals_per_neighbour_borders() -> None:
 
         ref = (at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx) * (1 - fy) + (at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx) * fy
         assert torch.equal(_ops.bilinear_sample(img, ys, xs, mode), ref), mode
+        # a float32 image in float64 arithmetic: the same as widening it first
+        f32 = img.float()
+        assert torch.equal(_ops.bilinear_sample(f32, ys, xs, mode, dtype=torch.float64), _ops.bilinear_sample(f32.double(), ys, xs, mode))
 
 
 def _chamfer_relaxation(nonzero: torch.Tensor) -> torch.Tensor:

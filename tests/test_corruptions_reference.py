@@ -91,6 +91,25 @@ def test_paired_std_ignores_agreeing_images() -> None:
     assert cr.paired_std_points(a, b) == pytest.approx(100 * d.std(ddof=1) / np.sqrt(8))
 
 
+def test_draw_spread_judges_a_difference_against_the_draw_noise() -> None:
+    d = cr.draw_spread([0.50, 0.52, 0.54], [0.40, 0.45, 0.50], scale=100.0)
+    assert d["ours_mean"] == pytest.approx(52.0) and d["ref_mean"] == pytest.approx(45.0)
+    assert d["ref_std"] == pytest.approx(5.0) and (d["ref_min"], d["ref_max"]) == pytest.approx((40.0, 50.0))
+    assert not d["ours_mean_within_ref_range"]
+    assert d["diff_se"] == pytest.approx(np.sqrt(2.0**2 / 3 + 5.0**2 / 3))
+    assert d["z"] == pytest.approx(7.0 / d["diff_se"])
+    assert cr.draw_spread([1.0, 3.0], [0.0, 4.0])["ours_mean_within_ref_range"]
+    cells = [
+        {"draw_spread": {}, "per_draw": {"error_ours": [0.1, 0.3], "error_ref": [0.2, 0.2], "perturbation_ours": [1.0, 2.0], "perturbation_ref": [1.5, 1.5]}},
+        {"draw_spread": {}, "per_draw": {"error_ours": [0.3, 0.5], "error_ref": [0.4, 0.6], "perturbation_ours": [3.0, 4.0], "perturbation_ref": [3.5, 3.5]}},
+    ]
+    assert cr.pooled_spread(cells) is None  # empty spreads: cells without 2+ draws
+    for c in cells:
+        c["draw_spread"] = {"error_points": {}}
+    pooled = cr.pooled_spread(cells)
+    assert pooled["error_points"]["ours_mean"] == pytest.approx(30.0) and pooled["perturbation"]["ref_std"] == 0.0
+
+
 # ---------------------------------------------------------------- against the reference itself
 
 _DEPS = all(importlib.util.find_spec(m) is not None for m in ("cv2", "skimage", "wand", "torchvision"))

@@ -115,7 +115,7 @@ def elastic_from_draws(
     gy = torch.arange(h, dtype=torch.float64, device=x.device).view(1, h, 1)
     gx = torch.arange(w, dtype=torch.float64, device=x.device).view(1, 1, w)
     # scipy map_coordinates(order=1, mode='reflect') at (y + dy, x + dx)
-    out = bilinear_sample(warped.to(torch.float64), gy + dy, gx + dx, "reflect").to(x.dtype)
+    out = bilinear_sample(warped, gy + dy, gx + dx, "reflect", dtype=torch.float64).to(x.dtype)
     return out.clamp(0, 1)
 
 

@@ -19,14 +19,14 @@ def gaussian_noise(x: torch.Tensor, severity: int, generator: torch.Generator) -
     """x + N(0, c^2), clipped."""
     c = sev.level(sev.GAUSSIAN_NOISE, severity)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (x + c * noise).clamp(0, 1)
+    return noise.mul_(c).add_(x).clamp_(0, 1)  # x + c * noise, in the noise's buffer
 
 
 @CORRUPTIONS.register("shot_noise")
 def shot_noise(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Poisson(x * c) / c, clipped (photon noise at rate c per unit intensity)."""
     c = float(sev.level(sev.SHOT_NOISE, severity))
-    return (torch.poisson(x * c, generator=generator) / c).clamp(0, 1)
+    return torch.poisson(x * c, generator=generator).div_(c).clamp_(0, 1)
 
 
 @CORRUPTIONS.register("impulse_noise")
@@ -36,9 +36,7 @@ def impulse_noise(x: torch.Tensor, severity: int, generator: torch.Generator) ->
     c = sev.level(sev.IMPULSE_NOISE, severity)
     flipped = torch.rand(x.shape, generator=generator, device=x.device) < c
     salted = torch.rand(x.shape, generator=generator, device=x.device) < 0.5
-    out = torch.where(flipped & salted, torch.ones_like(x), x)
-    out = torch.where(flipped & ~salted, torch.zeros_like(x), out)
-    return out.clamp(0, 1)
+    return x.masked_fill(flipped & salted, 1.0).masked_fill_(flipped & ~salted, 0.0).clamp_(0, 1)
 
 
 @CORRUPTIONS.register("speckle_noise")
@@ -46,4 +44,4 @@ def speckle_noise(x: torch.Tensor, severity: int, generator: torch.Generator) ->
     """x + x * N(0, c^2), clipped (multiplicative noise)."""
     c = sev.level(sev.SPECKLE_NOISE, severity)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (x + x * c * noise).clamp(0, 1)
+    return (x * c).mul_(noise).add_(x).clamp_(0, 1)  # x + (x * c) * noise
