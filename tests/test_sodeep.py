@@ -95,6 +95,16 @@ def test_a_briefly_trained_sorter_ranks_where_an_untrained_one_cannot(
     assert min(h["valid_l1"] for h in history) == pytest.approx(sorter_quality(sorter, _valid(tiny()))["l1"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_the_public_codes_gruc_sorter_learns_to_rank() -> None:
+    """gruc (what learning-loss-for-tta loads) learns slower than lstm: 400 steps, ~30 s on CPU."""
+    seqs = iid_uniform(2000, 4)
+    torch.manual_seed(0)
+    assert abs(sorter_quality(build_sorter("gruc", L), seqs)["rho"]) < 0.2
+    sorter, _ = train_sorter(tiny(model="gruc", epochs=20, sequences_per_epoch=1280), progress=False)
+    assert sorter_quality(sorter, seqs)["rho"] > 0.8
+
+
 def _valid(cfg: SorterConfig) -> torch.Tensor:
     return random_sequences(cfg.valid_sequences, cfg.seq_len, torch.Generator().manual_seed(cfg.seed + 1))
 
