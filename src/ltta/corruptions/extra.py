@@ -121,8 +121,11 @@ def distance_transform_l2_5(nonzero: torch.Tensor) -> torch.Tensor:
     hv, diag, lng = _CHAMFER5
     n, c, h, w = nonzero.shape
     nz = nonzero.reshape(n * c, h, w)
-    t = torch.full((n * c, h + 4, w + 4), _INIT_DIST0, dtype=torch.int64, device=nonzero.device)
-    zero = torch.zeros((), dtype=torch.int64, device=nonzero.device)
+    # int32 holds every sum for images below 4096 pixels a side: INIT_DIST0 (2**29 - 1) plus at
+    # most a row of chamfer steps stays below 2**31
+    dt = torch.int32 if max(h, w) < 4096 else torch.int64
+    t = torch.full((n * c, h + 4, w + 4), _INIT_DIST0, dtype=dt, device=nonzero.device)
+    zero = torch.zeros((), dtype=dt, device=nonzero.device)
     # column j of the image is column j + 2 of t; row i is row i + 2
     for i in range(h):
         r2, r1 = t[:, i], t[:, i + 1]
