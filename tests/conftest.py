@@ -104,6 +104,7 @@ def make_project(dest: Path, params: dict) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "conf" / "policies", dest / "conf" / "policies")  # train_target's policy dep
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc = Path(sys.executable).parent / "dvc"
     subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=dest, check=True)

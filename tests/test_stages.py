@@ -85,3 +85,41 @@ def test_prepare_data_follows_the_seed(pipeline_run: tuple[Paths, dict], tmp_pat
     prepare_data.run(parse_params(tiny_params(seed=1)), other)
     assert digest(other.prepared) != digest(paths.prepared)
     assert digest(other.corrupted) != digest(paths.corrupted)
+
+
+def test_policy_mode_trains_with_the_searched_policy(pipeline_run: tuple[Paths, dict], tmp_path: Path) -> None:
+    """train_target.mode policy reads train_target.policy (here the search's output) and changes the target."""
+    import shutil
+
+    from ltta.config import ParamsError
+
+    paths, _ = pipeline_run
+    other = Paths(tmp_path)
+    shutil.copytree(paths.prepared, other.prepared)
+    other.policy.parent.mkdir(parents=True)
+    shutil.copy(paths.policy, other.policy)
+    policy_params = {"mode": "policy", "policy": "policies/faa.json", "cutout": 8}
+    train_target.run(parse_params(tiny_params(train_target=policy_params)), other)
+    assert digest(other.target) != digest(paths.target)
+    with pytest.raises(ParamsError, match="train_target.policy"):
+        parse_params(tiny_params(train_target={"mode": "policy"}))
+    other.policy.unlink()
+    with pytest.raises(FileNotFoundError, match="search_policy"):
+        train_target.run(parse_params(tiny_params(train_target=policy_params)), other)
+
+
+def test_search_logs_one_child_run_per_fold(pipeline_run: tuple[Paths, dict]) -> None:
+    """search_policy: a child MLflow run per fold holding its trial scores as steps, and the score figure."""
+    import mlflow
+
+    paths, raw = pipeline_run
+    assert (paths.plots / "search_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    client = mlflow.MlflowClient(f"sqlite:///{paths.root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(raw["tracking"]["experiment"])
+    children = client.search_runs([exp.experiment_id], "tags.`ltta.stage` = 'search_policy' and tags.`ltta.fold` != ''")
+    folds = raw["search_policy"]["folds"]
+    assert sorted(r.data.tags["ltta.fold"] for r in children) == [str(f) for f in range(folds)]
+    parent_ids = {r.data.tags["mlflow.parentRunId"] for r in children}
+    assert len(parent_ids) == 1  # all under the stage's run
+    history = client.get_metric_history(children[0].info.run_id, "score")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(raw["search_policy"]["trials"]))

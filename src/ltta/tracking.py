@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,27 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if clean:
         mlflow.log_metrics(clean, step=step)
+
+
+def log_child_run(name: str, series: Mapping[str, Sequence[tuple[int, float]]], *, tags: Mapping[str, str] | None = None,
+                  summary: Mapping[str, float] | None = None) -> str:
+    """A run nested under the active one holding metric series (``name -> [(step, value)]``).
+
+    Used for what a stage does many times over, e.g. one child run per search fold with its trial
+    scores as steps, so the MLflow UI charts each fold's search on its own. Logged in batches of
+    1,000 (MLflow's cap per call). Returns the child's run id.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(run_name=name, nested=True, tags=dict(tags or {})) as child:
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(v), now, int(step)) for key, points in series.items() for step, v in points]
+        metrics += [Metric(key, float(v), now, 0) for key, v in (summary or {}).items()]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(child.info.run_id, metrics=metrics[i : i + 1000])
+        return str(child.info.run_id)
 
 
 def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:

@@ -2,7 +2,9 @@
 
 Outputs: ``policies/faa.json`` (the merged top sub-policies, read by ``evaluate`` as the static
 TTA policy and by ``train_target`` in policy mode), ``metrics/search.json`` and
-``plots/search_trials.csv`` (score by trial and fold).
+``plots/search_trials.csv`` (score by trial and fold, for ``dvc plots``) and
+``plots/search_scores.png``. In MLflow each (repeat, fold) is a child run of the stage's run with
+its trial scores as steps of the metric ``score``.
 
 ``ltta search-policy --worker`` (``run(..., worker=True)``) only runs trials against the shared
 ``search_policy.storage`` and writes nothing else; start several, then the plain command, which
@@ -14,6 +16,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -34,6 +38,43 @@ STAGE = "search_policy"
 
 # One line per trial floods the log; the score is logged to MLflow and plots/search_trials.csv instead.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def log_fold_runs(history: list[dict[str, Any]]) -> None:
+    """One MLflow child run per (repeat, fold): its trial scores as the metric ``score`` by trial number."""
+    by_study: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    for h in history:
+        by_study.setdefault((int(h.get("repeat", 0)), int(h["fold"])), []).append((int(h["trial"]), float(h["score"])))
+    for (repeat, fold), points in sorted(by_study.items()):
+        scores = [v for _, v in points]
+        tracking.log_child_run(
+            f"search_policy/r{repeat}-f{fold}", {"score": sorted(points)},
+            tags={"ltta.stage": STAGE, "ltta.fold": str(fold), "ltta.repeat": str(repeat)},
+            summary={"best_score": max(scores), "mean_score": sum(scores) / len(scores), "trials": len(scores)},
+        )  # fmt: skip
+
+
+def write_score_figure(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Trial score over trials, one line per fold (and its running best), as a PNG for MLflow."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for fold in sorted({int(r["fold"]) for r in rows}):
+        pts = sorted((int(r["trial"]), float(r["score"])) for r in rows if int(r["fold"]) == fold)
+        steps, scores = [p[0] for p in pts], [p[1] for p in pts]
+        line = ax.plot(steps, scores, ".", alpha=0.35, label=f"fold {fold}")[0]
+        best = [max(scores[: i + 1]) for i in range(len(scores))]
+        ax.plot(steps, best, "-", color=line.get_color())
+    ax.set_xlabel("trial")
+    ax.set_ylabel("density-matching score (D_A accuracy)")
+    ax.set_title("Fast AutoAugment search: score per trial (dots) and running best (lines)")
+    ax.legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
 
 
 def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
@@ -101,4 +142,6 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
         }
         write_json(paths.metrics / "search.json", metrics)
         tracking.log_metrics(metrics)
-        tracking.log_artifacts([paths.policy, paths.plots / "search_trials.csv"])
+        log_fold_runs(history)
+        figure = write_score_figure(paths.plots / "search_scores.png", rows)
+        tracking.log_artifacts([paths.policy, paths.plots / "search_trials.csv", figure])
