@@ -176,13 +176,34 @@ def test_extra_augment_sees_unaugmented_batches_before_crop_flip(digits) -> None
     torch.manual_seed(0)
     cfg = TrainConfig(epochs=2, batch_size=100)
     train_classifier(build_model("small_cnn", width=4), x, y, cfg, extra_augment=record, progress=False)
-    assert len(calls) == 2 * 3
-    # Each epoch's three batches are a permutation of the training set, still uncropped/unflipped.
-    for epoch in range(2):
-        seen = torch.cat(calls[3 * epoch : 3 * epoch + 3])
-        assert seen.shape == x.shape
-        assert torch.equal(seen.flatten(1).sort(dim=0).values, x.flatten(1).sort(dim=0).values)
-    assert not torch.equal(torch.cat(calls[:3]), torch.cat(calls[3:]))  # a new order each epoch
+    # The batches are augmented a chunk at a time (PREPARE_CHUNK images per call, here the whole
+    # epoch's three batches in one call): each epoch's images are a permutation of the training
+    # set, still uncropped/unflipped.
+    seen = torch.cat(calls)
+    assert seen.shape[0] == 2 * 3 * 100
+    epochs = seen.split(3 * 100)
+    for epoch in epochs:
+        assert epoch.shape == x.shape
+        assert torch.equal(epoch.flatten(1).sort(dim=0).values, x.flatten(1).sort(dim=0).values)
+    assert not torch.equal(epochs[0], epochs[1])  # a new order each epoch
+
+
+def test_batches_are_prepared_in_chunks(digits, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a chunk smaller than the epoch the extra augmentation sees whole chunks of batches."""
+    import ltta.training.target as target
+
+    x, y, _, _ = digits
+    sizes: list[int] = []
+    monkeypatch.setattr(target, "PREPARE_CHUNK", 128)  # two batches of 64 per chunk
+
+    def record(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        sizes.append(batch.shape[0])
+        return batch
+
+    train_classifier(build_model("small_cnn", width=4), x, y, TrainConfig(epochs=1, batch_size=64),
+                     extra_augment=record, progress=False)  # fmt: skip
+    steps = x.shape[0] // 64
+    assert sizes == [128] * (steps // 2) + [64] * (steps % 2)
 
 
 def test_same_seed_same_result_other_seed_other_result(digits) -> None:

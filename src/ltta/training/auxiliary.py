@@ -225,6 +225,11 @@ def detach_auxiliary(trainee: nn.Module) -> None:
     trainee.release()
 
 
+def auxiliary_views(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """One view per family of ``cfg.aux_families`` for each image, [N,F,C,H,W] (batched, per-image draws)."""
+    return torch.stack([AUX_FAMILIES.get(f)(x, generator) for f in cfg.aux_families], dim=1)
+
+
 def auxiliary_loss(
     forward: Forward, xb: torch.Tensor, yb: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,8 +243,12 @@ def auxiliary_loss(
             f"train_classifier, which attaches the heads (or build one with attach_auxiliary(model, cfg))"
         )
     n, k = xb.shape[0], len(net.families)
-    with torch.no_grad():
-        views = torch.cat([xb, *(AUX_FAMILIES.get(f)(xb, generator) for f in net.families)])
+    if xb.dim() == 4:
+        with torch.no_grad():
+            xb = torch.cat([xb[:, None], auxiliary_views(xb, cfg, generator)], dim=1)
+    if xb.shape[1] != 1 + k:
+        raise ValueError(f"got {xb.shape[1] - 1} views per image for {k} auxiliary heads ({', '.join(net.families)})")
+    views = xb.transpose(0, 1).flatten(0, 1)  # [clean; family 1; ...], n images each
     with net.grouped():
         logits = forward(views)
     main, aux = logits[:n], logits[n:]

@@ -56,6 +56,7 @@ from ltta.training.auxiliary import (
     DEFAULT_FAMILIES,
     attach_auxiliary,
     auxiliary_loss,
+    auxiliary_views,
     detach_auxiliary,
 )
 from ltta.training.distributed import BatchShard
@@ -137,7 +138,9 @@ class TrainMode:
     """How one prepared batch (after extra_augment -> crop/flip -> cutout) becomes the SGD loss.
 
     ``loss(forward, xb, yb, cfg, generator)`` returns ``(loss, logits of the clean batch)``; the
-    clean logits give the training error.
+    clean logits give the training error. A mode with ``views`` trains on several views of each
+    image: ``views(x, cfg, generator)`` makes them for a whole chunk of prepared images at once
+    ([N,V,C,H,W]), and the loss then gets ``xb`` as [B,1+V,C,H,W] (the clean image first).
     """
 
     loss: ModeLoss
@@ -148,6 +151,7 @@ class TrainMode:
     # them once training ends, leaving the caller's model trained in place. None: train it as it is.
     attach: Callable[[nn.Module, TrainConfig], nn.Module] | None = None
     detach: Callable[[nn.Module], None] | None = None
+    views: Callable[[torch.Tensor, TrainConfig, torch.Generator], torch.Tensor] | None = None
 
 
 def _cross_entropy_loss(
@@ -162,32 +166,46 @@ def _augmix_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """google-research/augmix cifar.py ``train``: one forward pass over [clean; aug1; aug2] (3x batch,
     so batch norm sees all three), cross-entropy on the clean third only, plus
-    ``jsd_weight`` (12) times the JSD of the three predictions."""
+    ``jsd_weight`` (12) times the JSD of the three predictions. ``xb`` is [B,C,H,W] (the views are
+    made here) or [B,3,C,H,W] with the views made beforehand (:func:`_augmix_views`)."""
+    if xb.dim() == 4:
+        with torch.no_grad():
+            xb = torch.cat([xb[:, None], _augmix_views(xb, cfg, generator)], dim=1)
     n = xb.shape[0]
-    with torch.no_grad():  # both AugMix views in one call: independent per-image draws
-        views = augmix(
-            torch.cat([xb, xb]), generator, width=cfg.augmix_width, depth=cfg.augmix_depth, severity=cfg.augmix_severity
-        )
-    logits_clean, logits_aug1, logits_aug2 = forward(torch.cat([xb, views])).split(n)
+    logits_clean, logits_aug1, logits_aug2 = forward(xb.transpose(0, 1).flatten(0, 1)).split(n)
     loss = F.cross_entropy(logits_clean, yb, label_smoothing=cfg.label_smoothing)
     return loss + cfg.jsd_weight * jsd_loss(logits_clean, logits_aug1, logits_aug2), logits_clean
+
+
+def _augmix_views(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Two AugMix views per image [N,2,C,H,W], both in one call: independent per-image draws."""
+    views = augmix(
+        torch.cat([x, x]), generator, width=cfg.augmix_width, depth=cfg.augmix_depth, severity=cfg.augmix_severity
+    )
+    return views.view(2, *x.shape).transpose(0, 1)
 
 
 #: Training modes by name (TrainConfig.mode).
 TRAIN_MODES: Registry[TrainMode] = Registry("training mode")
 TRAIN_MODES.add("standard", TrainMode(_cross_entropy_loss))
 # AugMix (Hendrycks et al., ICLR 2020): the reference trains without cutout.
-TRAIN_MODES.add("augmix", TrainMode(_augmix_loss, allows_cutout=False))
+TRAIN_MODES.add("augmix", TrainMode(_augmix_loss, allows_cutout=False, views=_augmix_views))
 # Fast AutoAugment (Lim et al., NeurIPS 2019): the searched policy is the caller's extra_augment.
 TRAIN_MODES.add("policy", TrainMode(_cross_entropy_loss, needs_extra_augment=True))
 # Auxiliary Training (Zhang et al., CVPR 2020; ltta.training.auxiliary): auxiliary heads on the
 # shared trunk for the training run only. The reference (ArchipLab-LinfengZhang/Auxiliary-Training
 # train.py) trains without cutout.
 TRAIN_MODES.add(
-    "auxiliary", TrainMode(auxiliary_loss, allows_cutout=False, attach=attach_auxiliary, detach=detach_auxiliary)
+    "auxiliary",
+    TrainMode(auxiliary_loss, allows_cutout=False, attach=attach_auxiliary, detach=detach_auxiliary, views=auxiliary_views),
 )
 
 CHECKPOINT_FORMAT = 1
+#: Images augmented per call (crop/flip, policy, cutout, the mode's views): whole chunks of the
+#: epoch's order, sliced into batches afterwards. Per-image draws are the same kind as per batch;
+#: what changes is the number of kernel launches, which at batch 128 on a GPU otherwise bounds the
+#: step time (AugMix's and a policy's many small ops per batch).
+PREPARE_CHUNK = 8192
 # Settings that change nothing the optimiser sees, so a run may resume under different values.
 _NOT_FINGERPRINTED = frozenset({"eval_batch_size", "compile", "compile_mode"})
 #: torch.compile modes offered by TrainConfig.compile_mode.
@@ -801,12 +819,19 @@ def _train_epoch(
     loss_generator = shard.epoch_generator(generator, epoch)  # the shared generator when alone
     t0 = time.perf_counter()
     order = torch.randperm(x.shape[0], device=device, generator=generator)
+    chunk_steps = max(1, PREPARE_CHUNK // batch_size)
     for step in range(steps):
         if cfg.compile:  # a new iteration for CUDA-graph trees: last step's graph outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
+        if step % chunk_steps == 0:  # augment the next chunk of batches in one go (see PREPARE_CHUNK)
+            first = step * batch_size
+            chunk_idx = order[first : min(step + chunk_steps, steps) * batch_size]
+            with torch.no_grad():
+                chunk = prepare(x[chunk_idx], generator)
+                if mode.views is not None:
+                    chunk = torch.cat([chunk[:, None], mode.views(chunk, cfg, generator)], dim=1)
         idx = order[step * batch_size : (step + 1) * batch_size]
-        with torch.no_grad():
-            xb = prepare(x[idx], generator)
+        xb = chunk[step * batch_size - first : (step + 1) * batch_size - first]
         xb, yb = shard.local(xb), shard.local(y[idx])
         loss, logits = mode.loss(forward, xb, yb, cfg, loss_generator)
         optimizer.zero_grad(set_to_none=True)
