@@ -63,20 +63,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def mode_model(arch: str, mode: str, num_classes: int) -> torch.nn.Module:
-    """The architecture as the mode trains it (a mode may wrap it, e.g. with auxiliary heads)."""
-    model = build_model(arch, num_classes=num_classes)
-    prepare = getattr(TRAIN_MODES.get(mode), "prepare_model", None)
-    return prepare(model) if prepare is not None else model
-
-
 def run_mode(
     mode: str, args: argparse.Namespace, device: torch.device, data: dict[str, Any], sets: list[EvalSet],
     policy: Any,
 ) -> dict[str, Any]:
     x_tr, y_tr, x_te, y_te, y_tr_np = data["x_tr"], data["y_tr"], data["x_te"], data["y_te"], data["y_tr_np"]
     torch.manual_seed(0)
-    model = mode_model(args.arch, mode, data["classes"]).to(device)
+    model = build_model(args.arch, num_classes=data["classes"]).to(device)  # a mode attaches what it needs
     recipe = dict(RECIPES.get(mode, {}))
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.1, mode=mode, compile=args.compile, seed=0,
                       **{k: v for k, v in recipe.items() if k != "warmup_epochs" or args.epochs > v})
@@ -89,27 +82,29 @@ def run_mode(
     clean = evaluate_classifier(model, x_te, y_te)
     print(f"[{mode}] trained {args.epochs} epochs in {t_train:.1f} s; clean test error {100 * clean['error']:.2f}%", flush=True)
 
-    # Loss dataset and predictor, as the build_loss_dataset / train_predictor stages make them.
     candidates = build_candidates("all")
-    tl, vl = loss_predictor_split(y_tr_np)
-    gen = make_generator(1, device)
-    x_in = predictor_training_inputs(x_tr[tl], gen, duplication=3, p_aug=0.4, corruptions=list(BENCHMARK))
-    y_in = y_tr[tl].repeat(x_in.shape[0] // len(tl))
-    x_v = predictor_training_inputs(x_tr[vl], gen, duplication=1, p_aug=0.4, corruptions=list(BENCHMARK),
-                                    deform=False, flips="none")
-    t0 = time.perf_counter()
-    l_tr, _ = candidate_losses(model, x_in, y_in, candidates, batch_size=1024)
-    l_v, _ = candidate_losses(model, x_v, y_tr[vl], candidates, batch_size=1024)
-    sync(device)
-    t_loss = time.perf_counter() - t0
-    predictor = build_model("loss_predictor", num_outputs=len(candidates), width=args.predictor_width)
-    pcfg = PredictorConfig(epochs=args.predictor_epochs, batch_size=768, seed=0)
-    t0 = time.perf_counter()
-    pred, phist = train_predictor(predictor, x_in, l_tr, x_v, l_v, pcfg, device=device,
-                                  identity_index=identity_index(candidates), progress=False)
-    t_pred = time.perf_counter() - t0
+    pred, t_loss, t_pred, pvalid = None, 0.0, 0.0, {}
+    if "learned" in args.methods:  # the loss dataset and predictor, as the stages make them
+        tl, vl = loss_predictor_split(y_tr_np)
+        gen = make_generator(1, device)
+        x_in = predictor_training_inputs(x_tr[tl], gen, duplication=3, p_aug=0.4, corruptions=list(BENCHMARK))
+        y_in = y_tr[tl].repeat(x_in.shape[0] // len(tl))
+        x_v = predictor_training_inputs(x_tr[vl], gen, duplication=1, p_aug=0.4, corruptions=list(BENCHMARK),
+                                        deform=False, flips="none")
+        t0 = time.perf_counter()
+        l_tr, _ = candidate_losses(model, x_in, y_in, candidates, batch_size=1024)
+        l_v, _ = candidate_losses(model, x_v, y_tr[vl], candidates, batch_size=1024)
+        sync(device)
+        t_loss = time.perf_counter() - t0
+        predictor = build_model("loss_predictor", num_outputs=len(candidates), width=args.predictor_width)
+        pcfg = PredictorConfig(epochs=args.predictor_epochs, batch_size=768, seed=0)
+        t0 = time.perf_counter()
+        pred, phist = train_predictor(predictor, x_in, l_tr, x_v, l_v, pcfg, device=device,
+                                      identity_index=identity_index(candidates), progress=False)
+        t_pred = time.perf_counter() - t0
+        pvalid = {k: v for k, v in phist[-1].items() if k.startswith("valid_")}
 
-    names = ["none", "flip", "five_crop", "random", "learned", "oracle"] + (["policy"] if policy is not None else [])
+    names = [m for m in args.methods if m != "policy" or policy is not None]
     methods = {m: build_method(m, model, candidates=candidates, k=args.k, predictor=pred, policy=policy,
                                generator=make_generator(2, device), batch_size=1024, device=device) for m in names}
     t0 = time.perf_counter()
@@ -123,12 +118,11 @@ def run_mode(
                              meta={"data": str(args.data), "mode": mode, "epochs": args.epochs,
                                    "train images": len(y_tr_np), "test images": int(y_te.shape[0])},
                              benchmark=bench, extra=extras, baseline_method="none")
-    last = phist[-1]
     return {
         "mode": mode, "train_seconds": t_train, "clean_error": float(clean["error"]),
         "train_images_per_s": float(np.median([h["images_per_s"] for h in hist[1:]] or [hist[0]["images_per_s"]])),
         "loss_dataset_seconds": t_loss, "predictor_seconds": t_pred, "eval_seconds": t_eval,
-        "predictor": {k: last[k] for k in last if k.startswith("valid_")}, "summary": summary, "markdown": table,
+        "predictor": pvalid, "summary": summary, "markdown": table,
     }  # fmt: skip
 
 
@@ -146,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--corruptions", nargs="+", default=list(ALL_CORRUPTIONS),
                     help="corruptions evaluated (default: all 19; fewer for a quick smoke run)")
+    ap.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    ap.add_argument("--methods", nargs="+", default=["none", "flip", "five_crop", "random", "policy", "learned", "oracle"],
+                    help="TTA methods evaluated ('policy' needs --policy; without 'learned' no predictor is trained)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out-dir", type=Path, default=Path("dev_study"))
     args = ap.parse_args(argv)
@@ -169,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     # The test sets as prepare_data stores them: corrupted, then quantised to uint8 levels.
     sets = [EvalSet(CLEAN, 0, data["x_te"], data["y_te"])] + [
         EvalSet(c, s, corrupt(data["x_te"], c, s, gen).clamp(0, 1).mul(255).floor().div(255), data["y_te"])
-        for c in args.corruptions for s in range(1, 6)
+        for c in args.corruptions for s in args.severities
     ]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {

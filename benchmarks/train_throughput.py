@@ -9,8 +9,9 @@ images/s of the epochs after the first (the first pays cudnn autotuning and comp
 The ceiling is what the GPU can do with the same model and nothing else: bare forward + backward +
 SGD step on one resident random batch under the same bf16 autocast and memory format, eager or
 compiled to match. A mode that sends ``m`` images through the network per training image (AugMix:
-clean + 2 views = 3) is compared with the ceiling at a batch of ``m x batch`` divided by ``m``; ``m``
-is counted with a forward hook during the real run, not assumed.
+clean + 2 views = 3; Auxiliary Training: clean + one view per family = 5) is compared with the
+ceiling at a batch of ``m x batch`` divided by ``m``, run through the module the mode trains (for
+Auxiliary Training the classifier with its heads attached, in its grouped one-pass form).
 
     python benchmarks/train_throughput.py --device cuda                       # WRN-40-2, every mode
     python benchmarks/train_throughput.py --device cuda --archs wrn_40_2 resnet18 --modes standard
@@ -22,6 +23,7 @@ Needs only torch (+ numpy); prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
@@ -66,18 +68,23 @@ def random_policy(seed: int, subpolicies: int = 5, ops: int = 2) -> Policy:
     return Policy([list(s) for s in subs])
 
 
-def mode_model(arch: str, mode: str, num_classes: int) -> nn.Module:
-    """The architecture as the mode trains it (a mode may wrap it, e.g. with auxiliary heads)."""
-    model = build_model(arch, num_classes=num_classes)
-    prepare = getattr(TRAIN_MODES.get(mode), "prepare_model", None)
-    return prepare(model) if prepare is not None else model
+def views_per_image(mode: str, cfg: TrainConfig, device: torch.device) -> int:
+    """Images the mode sends through the network per training image (1 + its extra views)."""
+    views = TRAIN_MODES.get(mode).views
+    if views is None:
+        return 1
+    return 1 + int(views(torch.rand(2, 3, 32, 32, device=device), cfg, torch.Generator(device=device)).shape[1])
 
 
 def ceiling(
-    model: nn.Module, device: torch.device, batch: int, classes: int, compiled: bool, compile_mode: str, seconds: float
+    model: nn.Module, device: torch.device, batch: int, classes: int, compiled: bool, compile_mode: str, seconds: float,
+    mode: str, cfg: TrainConfig,
 ) -> float:
     """Images/s of bare forward+backward+SGD on one resident random batch (the best training can do)."""
     cuda = device.type == "cuda"
+    attach = TRAIN_MODES.get(mode).attach
+    model = attach(model, cfg) if attach is not None else model
+    grouped = getattr(model, "grouped", contextlib.nullcontext)  # Auxiliary Training's one-pass form
     model.train()
     if cuda:
         model.to(memory_format=torch.channels_last)
@@ -91,7 +98,7 @@ def ceiling(
     def step() -> None:
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda), grouped():
             loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,7 +121,7 @@ def measure(
     arch: str, mode: str, compiled: bool, args: argparse.Namespace, device: torch.device
 ) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = mode_model(arch, mode, args.classes).to(device)
+    model = build_model(arch, num_classes=args.classes).to(device)
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.rand(args.n, 3, 32, 32, device=device, generator=gen)
     y = torch.randint(0, args.classes, (args.n,), device=device, generator=gen)
@@ -125,17 +132,14 @@ def measure(
     extra: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     if TRAIN_MODES.get(mode).needs_extra_augment:
         extra = CompiledPolicy(random_policy(0), device)
-    seen = {"images": 0}
-    handle = model.register_forward_pre_hook(lambda m, inp: seen.__setitem__("images", seen["images"] + inp[0].shape[0]))
     t0 = time.perf_counter()
     history = train_classifier(model, x, y, cfg, progress=False, extra_augment=extra)
     wall = time.perf_counter() - t0
-    handle.remove()
     rates = [h["images_per_s"] for h in history[1:]] or [history[0]["images_per_s"]]
-    trained = len(history) * (args.n // args.batch_size) * args.batch_size
-    mult = max(1, round(seen["images"] / trained))
-    ceil_model = mode_model(arch, mode, args.classes).to(device)
-    ceil = ceiling(ceil_model, device, mult * args.batch_size, args.classes, compiled, args.compile_mode, args.ceiling_seconds) / mult
+    mult = views_per_image(mode, cfg, device)
+    ceil_model = build_model(arch, num_classes=args.classes).to(device)
+    ceil = ceiling(ceil_model, device, mult * args.batch_size, args.classes, compiled, args.compile_mode,
+                   args.ceiling_seconds, mode, cfg) / mult
     rate = statistics.median(rates)
     return {
         "arch": arch, "mode": mode, "compiled": compiled, "images_per_s": rate, "first_epoch_s": history[0]["seconds"],
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # one failing combination must not lose the others' figures
                     row = {"arch": arch, "mode": mode, "compiled": compiled, "error": f"{type(exc).__name__}: {exc}"}
                 rows.append(row)
+                write_json(args.out, {"note": NOTE, "partial": True, "rows": rows})  # a cut-off run keeps its rows
                 print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     report = {
         "note": NOTE,

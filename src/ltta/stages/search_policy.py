@@ -99,6 +99,7 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
         cfg = TrainConfig(
             epochs=s.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
             augment="none", amp=t.amp, channels_last=t.channels_last, seed=params.seed + fold,
+            compile=t.compile, compile_mode=t.compile_mode,
         )
         train_classifier(model, x_dm, y_dm, cfg, progress=False)
         return model.eval()
