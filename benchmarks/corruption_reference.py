@@ -642,9 +642,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corruptions", nargs="*", default=list(ALL_CORRUPTIONS), help="subset of names (default: all 19)")
     p.add_argument("--severities", nargs="*", type=int, default=[1, 2, 3, 4, 5])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--timing-only", action="store_true",
+        help="only time the reference on the --n-eval images (no classifier, no comparison): the "
+        "reference_timing JSON that corruption_throughput.py --reference reads",
+    )
     p.add_argument("--out", default=None, help="JSON with every cell, the summary and the environment")
     p.add_argument("--markdown", default=None, help="also write the tables as markdown here")
     return p.parse_args(argv)
+
+
+def reference_timing(reference: Reference, images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Only the reference generator's throughput (its per-image driver loop, images/s per
+    corruption over the chosen severities), no classifier and no ours: a quick run to put right
+    before ``corruption_throughput.py`` on the same machine, so both see the same load."""
+    rows = []
+    for name in args.corruptions:
+        if name not in reference.functions:
+            print(f"{name:18s} skipped: {reference.skipped.get(name)}", flush=True)
+            continue
+        seconds = 0.0
+        for s in args.severities:
+            fn = reference.functions[name]
+            _, dt = _timed(lambda fn=fn, s=s, name=name: reference_corrupt(fn, images, s, derive_seed(args.seed, name, s)))
+            seconds += dt
+        n_img = len(images) * len(args.severities)
+        rows.append({"corruption": name, "ref_seconds": seconds, "images": n_img, "ref_images_per_s": n_img / seconds})
+        print(f"{name:18s} reference {n_img / seconds:8.0f} img/s", flush=True)
+    meta = {
+        "mode": "timing-only",
+        "n_eval": len(images),
+        "severities": args.severities,
+        "reference_script": str(reference.script),
+        "skipped": reference.skipped,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "versions": _versions(),
+    }
+    result = {"meta": meta, "reference_timing": rows}
+    if args.out:
+        write_json(args.out, result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -663,6 +701,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--n-train {args.n_train} + --n-eval {args.n_eval} exceeds the {len(x_all)} images in {args.data}")
     x_tr, y_tr = x_all[: args.n_train], y_all[: args.n_train]
     x_ev, y_ev = x_all[args.n_train : args.n_train + args.n_eval], y_all[args.n_train : args.n_train + args.n_eval]
+
+    if args.timing_only:
+        return reference_timing(reference, x_ev, args)
 
     t_start = time.perf_counter()
     clf = train_fixed_classifier(x_tr, y_tr, x_ev, y_ev, args)

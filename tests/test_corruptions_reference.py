@@ -176,3 +176,40 @@ def test_elastic_matches_the_reference_on_its_own_draws(reference: cr.Reference)
         ref = cr.reference_corrupt(reference.functions["elastic_transform"], x, s, seed=7)
         ours = cr.SHARED_DRAWS["elastic_transform"](x, s, 7)
         assert cr.mean_abs_diff(ours, ref) < 0.5, s
+
+
+# ---------------------------------------------------------------- throughput table
+
+
+def test_throughput_table_runs_with_torch_only(tmp_path) -> None:
+    """The GPU box has torch only: importing and running the script must not pull in the
+    pipeline's tracking / config stack; the ratio uses the reference timings JSON."""
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.argv = ["corruption_throughput.py"]
+        from benchmarks import corruption_throughput as ct
+        ref = {str(tmp_path / "ref.json")!r}
+        json.dump({{"reference_timing": [{{"corruption": "contrast", "ref_images_per_s": 10.0}},
+                                        {{"corruption": "fog", "ref_images_per_s": 20.0}}]}}, open(ref, "w"))
+        out = ct.main(["--n", "8", "--corruptions", "contrast", "fog", "--severities", "1", "2",
+                       "--data", "", "--reference", ref, "--out", {str(tmp_path / "tp.json")!r}])
+        heavy = {{"mlflow", "dvc", "pydantic", "optuna", "hydra", "prefect", "great_expectations"}}
+        print(json.dumps({{"heavy": sorted(heavy & {{m.split(".")[0] for m in sys.modules}}), "out": out}}))
+        """
+    )
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120, check=True)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["heavy"] == []
+    rows = {r["corruption"]: r for r in res["out"]["rows"]}
+    assert set(rows) == {"contrast", "fog"} and all(r["images"] == 16 for r in rows.values())
+    assert rows["fog"]["ratio"] == pytest.approx(rows["fog"]["images_per_s"] / 20.0)
+    total = res["out"]["total"]
+    assert total["ref_seconds"] == pytest.approx(16 / 10.0 + 16 / 20.0) and total["ratio"] == pytest.approx(total["ref_seconds"] / total["seconds"])
+    assert (tmp_path / "tp.json").is_file()
