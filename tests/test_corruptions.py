@@ -102,6 +102,16 @@ def test_severity_tables_pin_the_cifar_values() -> None:
 # ---------------------------------------------------------------- every op
 
 
+def test_an_empty_batch_comes_back_empty(x: torch.Tensor) -> None:
+    """corrupt() on zero images returns zero images for every corruption (some ops need one image)."""
+    empty = x[:0]
+    for name in ALL_CORRUPTIONS:
+        out = corrupt(empty, name, 5, _gen(0))
+        assert out.shape == empty.shape and out.dtype == empty.dtype, name
+    with pytest.raises(ValueError):
+        corrupt(empty, "fog", 6, _gen(0))  # the severity is still checked
+
+
 @pytest.mark.parametrize("name", ALL_CORRUPTIONS)
 def test_op_contract_and_determinism(name: str, x: torch.Tensor) -> None:
     fn = CORRUPTIONS.get(name)

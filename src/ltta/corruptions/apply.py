@@ -17,7 +17,10 @@ def corrupt(x: torch.Tensor, name: str, severity: int, generator: torch.Generato
     """Float in, float out: the registered corruption ``name`` at ``severity`` on a batch [N,3,H,W]."""
     check_images(x)
     fn = CORRUPTIONS.get(name)
-    return fn(x, check_severity(severity), generator)
+    severity = check_severity(severity)
+    if x.shape[0] == 0:  # nothing to corrupt; several ops (glass, elastic, JPEG, spatter) need one image
+        return x.clone()
+    return fn(x, severity, generator)
 
 
 def random_corruptions(
