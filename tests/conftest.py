@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
+from sklearn.datasets import load_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +80,16 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """300 training and 100 validation digits, upscaled 8x8 -> 32x32 and repeated to RGB, in [0,1]."""
+    d = load_digits()
+    x = torch.tensor(d.images[:400], dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
+    y = torch.tensor(d.target[:400], dtype=torch.int64)
+    return x[:300], y[:300], x[300:], y[300:]
 
 
 def tiny_params(**overrides: dict) -> dict:

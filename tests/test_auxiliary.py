@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
-from test_training import assert_kill_and_resume_is_exact, digits  # noqa: F401  (the shared fixture)
+from test_training import assert_kill_and_resume_is_exact
 
 from ltta.corruptions.names import ALL_CORRUPTIONS
 from ltta.model_io import load_model_file, save_model_file
@@ -58,7 +58,7 @@ def test_blur_family_is_pillows_gaussian_blur() -> None:
     assert torch.equal(pil_gaussian_blur(x, 0.0), x)
 
 
-def test_colour_jitter_family_is_torchvisions_on_pil(digits) -> None:  # noqa: F811
+def test_colour_jitter_family_is_torchvisions_on_pil(digits) -> None:
     """ColorJitter(0.5, 0.5, 0.5, 0) on PIL images: three ImageEnhance ops in a random order per
     image, factors uniform in [0.5, 1.5]. Replay the family's draws through Pillow itself."""
     x = digits[0][:6] * torch.tensor([1.0, 0.8, 0.6]).view(1, 3, 1, 1)  # coloured, so saturation matters
@@ -77,7 +77,7 @@ def test_colour_jitter_family_is_torchvisions_on_pil(digits) -> None:  # noqa: F
     assert len({tuple(o) for o in order.tolist()}) > 1  # the order is drawn per image
 
 
-def test_rotate_and_noise_families_draw_per_image(digits) -> None:  # noqa: F811
+def test_rotate_and_noise_families_draw_per_image(digits) -> None:
     x = digits[0][:1].expand(8, -1, -1, -1).contiguous()  # eight copies of one digit
     rot = AUX_FAMILIES.get("rotate")(x, _gen(1))
     angles = (2.0 * torch.rand(8, generator=_gen(1)) - 1.0) * 30.0
@@ -278,7 +278,7 @@ def test_one_selective_pass_equals_the_references_per_family_passes(epoch: int) 
 # ---------------------------------------------------------------- the trainer's mode
 
 
-def test_auxiliary_mode_learns_and_hands_back_a_plain_classifier(digits, tmp_path: Path) -> None:  # noqa: F811
+def test_auxiliary_mode_learns_and_hands_back_a_plain_classifier(digits, tmp_path: Path) -> None:
     x, y, xv, yv = digits[0][:64], digits[1][:64], digits[2][:32], digits[3][:32]
     model = _small(width=8)
     fresh_keys = list(build_model("small_cnn", num_classes=10, width=8).state_dict())
@@ -299,7 +299,7 @@ def test_auxiliary_mode_learns_and_hands_back_a_plain_classifier(digits, tmp_pat
     assert TRAIN_MODES.get("auxiliary").allows_cutout is False
 
 
-def test_merge_penalty_pulls_the_heads_onto_the_primary_classifier(digits, tmp_path: Path) -> None:  # noqa: F811
+def test_merge_penalty_pulls_the_heads_onto_the_primary_classifier(digits, tmp_path: Path) -> None:
     x, y = digits[0][:64], digits[1][:64]
 
     def head_distance(start: float) -> float:
@@ -316,7 +316,7 @@ def test_merge_penalty_pulls_the_heads_onto_the_primary_classifier(digits, tmp_p
     assert head_distance(0.0) < 0.5 * head_distance(1.0)
 
 
-def test_kill_and_resume_in_auxiliary_mode_is_bitwise_exact(digits, tmp_path: Path) -> None:  # noqa: F811
+def test_kill_and_resume_in_auxiliary_mode_is_bitwise_exact(digits, tmp_path: Path) -> None:
     """The heads, their optimiser state and the penalty's schedule resume with the rest: the penalty
     switches on in epoch 3, after the resume; the tiny WRN has dropout too."""
     x, y = digits[0][:64], digits[1][:64]
@@ -346,7 +346,7 @@ def test_train_config_rejects_bad_auxiliary_values(kwargs: dict, match: str) -> 
 
 
 @pytest.mark.gpu
-def test_cuda_auxiliary_mode_with_bf16_channels_last_and_compile(digits, tmp_path: Path) -> None:  # noqa: F811
+def test_cuda_auxiliary_mode_with_bf16_channels_last_and_compile(digits, tmp_path: Path) -> None:
     x, y, xv, yv = (t.cuda() for t in digits)
     for compile_ in (False, True):
         torch.manual_seed(0)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 from ltta.models import build_model
 from ltta.training import (
@@ -22,16 +21,6 @@ from ltta.training import (
 )
 
 HISTORY_KEYS = {"epoch", "train_loss", "train_error", "val_loss", "val_error", "lr", "images_per_s", "seconds"}
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """300 training and 100 validation digits, upscaled 8x8 -> 32x32 and repeated to RGB, in [0,1]."""
-    d = load_digits()
-    x = torch.tensor(d.images[:400], dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
-    y = torch.tensor(d.target[:400], dtype=torch.int64)
-    return x[:300], y[:300], x[300:], y[300:]
 
 
 def _tiny_wrn() -> torch.nn.Module:
