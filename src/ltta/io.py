@@ -71,6 +71,23 @@ def save_torch(path: str | os.PathLike[str], obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def load_torch(path: str | os.PathLike[str], *, what: str, missing_fix: str, redo: str) -> Any:
+    """``torch.load`` (weights only, to CPU) of a file this project wrote, naming the file and the fix.
+
+    A missing file says ``missing_fix``; an unreadable one (truncated, foreign) says it is not a
+    readable ``what`` file and to delete it and ``redo``.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: {missing_fix}.")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{p} is not a readable {what} file ({exc}); delete it and {redo}.") from exc
+
+
 def load_npz(path: str | os.PathLike[str], required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Load an ``.npz`` fully into memory, naming the file and the fix when it is missing or broken."""
     p = Path(path)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ltta.io import save_torch
+from ltta.io import load_torch, save_torch
 from ltta.models import build_model
 
 
@@ -26,12 +26,7 @@ def save_model_file(path: str | Path, model: nn.Module, arch: str, kwargs: dict[
 def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the architecture and load its weights; returns (model in eval mode, extra)."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist: run the stage that trains it (dvc repro).")
-    try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{p} is not a readable model file ({exc}); delete it and rerun its stage.") from exc
+    blob = load_torch(p, what="model", missing_fix="run the stage that trains it (dvc repro)", redo="rerun its stage")
     for key in ("arch", "kwargs", "state_dict"):
         if key not in blob:
             raise ValueError(f"{p} lacks {key!r}: not an ltta model file; rerun its stage.")

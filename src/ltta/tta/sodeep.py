@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ltta.io import save_torch
+from ltta.io import load_torch, save_torch
 from ltta.registry import Registry
 from ltta.tta.ranking import exact_rank, normalized_descending_rank, spearman_rho
 
@@ -297,12 +297,7 @@ def save_sorter(path: str | Path, sorter: nn.Module, cfg: SorterConfig, history:
 def load_sorter(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, SorterConfig, list[dict[str, float]]]:
     """Rebuild a saved sorter; returns (sorter in eval mode, its config, its training history)."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist: train the sorter first (ltta train-sorter).")
-    try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{p} is not a readable sorter file ({exc}); delete it and train it again.") from exc
+    blob = load_torch(p, what="sorter", missing_fix="train the sorter first (ltta train-sorter)", redo="train it again")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
         raise ValueError(f"{p} is not a sorter file of format {FORMAT_VERSION}; delete it and train it again.")
     known = {f.name for f in fields(SorterConfig)}
