@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ltta.corruptions import ALL_CORRUPTIONS, SEVERITIES, corrupt, derive_seed, truncate_to_uint8  # noqa: E402
 from ltta.io import write_json  # noqa: E402
-from ltta.runtime import make_generator, to_float_nchw  # noqa: E402
+from ltta.runtime import make_generator, to_float_nchw, synchronize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10_dev.npz"
@@ -57,11 +57,6 @@ def load_images(path: Path | None, n: int, seed: int) -> tuple[np.ndarray, str]:
     return x.clip(0, 255).astype(np.uint8), "synthetic (no --data file)"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_cell(x: torch.Tensor, name: str, severity: int, seed: int) -> torch.Tensor:
     """One (corruption, severity) on the batch, float in, uint8 NHWC out, on ``x``'s device."""
     gen = make_generator(derive_seed(seed, name, severity), x.device)
@@ -77,10 +72,10 @@ def time_corruption(x: torch.Tensor, name: str, severities: list[int], seed: int
         run_cell(x[:WARMUP_IMAGES], name, s, seed)
         best = float("inf")
         for _ in range(repeats):
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             run_cell(x, name, s, seed)
-            sync(device)
+            synchronize(device)
             best = min(best, time.perf_counter() - t0)
         per_severity[s] = best
     seconds = sum(per_severity.values())

@@ -43,7 +43,7 @@ from ltta.evaluation import CLEAN, EvalSet, evaluate_methods  # noqa: E402
 from ltta.evaluation.report import results_markdown  # noqa: E402
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
-from ltta.runtime import make_generator, resolve_device, to_float_nchw  # noqa: E402
+from ltta.runtime import make_generator, resolve_device, to_float_nchw, synchronize  # noqa: E402
 from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
 from ltta.training.target import TRAIN_MODES, TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
 from ltta.transforms.policy import CompiledPolicy, load_policy  # noqa: E402
@@ -58,11 +58,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_mode(
     mode: str, args: argparse.Namespace, device: torch.device, data: dict[str, Any], sets: list[EvalSet],
     policy: Any,
@@ -74,10 +69,10 @@ def run_mode(
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.1, mode=mode, compile=args.compile, seed=0,
                       **{k: v for k, v in recipe.items() if k != "warmup_epochs" or args.epochs > v})
     extra = CompiledPolicy(policy, device) if TRAIN_MODES.get(mode).needs_extra_augment else None
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     hist = train_classifier(model, x_tr, y_tr, cfg, progress=False, extra_augment=extra)
-    sync(device)
+    synchronize(device)
     t_train = time.perf_counter() - t0
     clean = evaluate_classifier(model, x_te, y_te)
     print(f"[{mode}] trained {args.epochs} epochs in {t_train:.1f} s; clean test error {100 * clean['error']:.2f}%", flush=True)
@@ -94,7 +89,7 @@ def run_mode(
         t0 = time.perf_counter()
         l_tr, _ = candidate_losses(model, x_in, y_in, candidates, batch_size=1024)
         l_v, _ = candidate_losses(model, x_v, y_tr[vl], candidates, batch_size=1024)
-        sync(device)
+        synchronize(device)
         t_loss = time.perf_counter() - t0
         predictor = build_model("loss_predictor", num_outputs=len(candidates), width=args.predictor_width)
         pcfg = PredictorConfig(epochs=args.predictor_epochs, batch_size=768, seed=0)
@@ -109,7 +104,7 @@ def run_mode(
                                generator=make_generator(2, device), batch_size=1024, device=device) for m in names}
     t0 = time.perf_counter()
     results = evaluate_methods(methods, sets, batch_size=None, progress=False)
-    sync(device)
+    synchronize(device)
     t_eval = time.perf_counter() - t0
     bench = [c for c in BENCHMARK if c in args.corruptions]
     extras = [c for c in EXTRA if c in args.corruptions]

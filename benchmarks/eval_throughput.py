@@ -31,16 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ltta.evaluation import CLEAN, EvalSet, evaluate_methods  # noqa: E402
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
-from ltta.runtime import make_generator, resolve_device  # noqa: E402
+from ltta.runtime import make_generator, resolve_device, synchronize  # noqa: E402
 from ltta.tta import build_candidates, build_method  # noqa: E402
 
 NOTE = "random weights and random images: throughput only, the error rates are meaningless"
 METHODS = ("none", "flip", "five_crop", "random", "learned", "oracle")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _forward_rate(model: torch.nn.Module, device: torch.device, batch: int, seconds: float) -> float:
@@ -52,14 +47,14 @@ def _forward_rate(model: torch.nn.Module, device: torch.device, batch: int, seco
     with torch.no_grad(), amp:
         for _ in range(3):
             model(x)
-        sync(device)
+        synchronize(device)
         steps, t0 = 0, time.perf_counter()
         while steps < 3 or time.perf_counter() - t0 < seconds:
             model(x)
             steps += 1
             if cuda and steps % 10 == 0:
-                sync(device)
-        sync(device)
+                synchronize(device)
+        synchronize(device)
         return steps * batch / (time.perf_counter() - t0)
 
 
@@ -119,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.methods
     }
     evaluate_methods(methods, sets[:1], batch_size=args.eval_batch_size, progress=False)  # warm-up (allocator, cudnn)
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     results = evaluate_methods(methods, sets[1:], batch_size=args.eval_batch_size, progress=False)
     total_s = time.perf_counter() - t0

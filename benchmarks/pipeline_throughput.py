@@ -37,24 +37,19 @@ from ltta.corruptions import ALL_CORRUPTIONS, BENCHMARK, EXTRA, corrupt  # noqa:
 from ltta.data import loss_predictor_split, stratified_holdout  # noqa: E402
 from ltta.evaluation import CLEAN, EvalSet, evaluate_methods  # noqa: E402
 from ltta.models import build_model  # noqa: E402
-from ltta.runtime import make_generator, resolve_device, to_float_nchw  # noqa: E402
+from ltta.runtime import make_generator, resolve_device, to_float_nchw, synchronize  # noqa: E402
 from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
 from ltta.training.target import TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
 from ltta.tta import build_candidates, build_method, candidate_losses, identity_index, predictor_training_inputs  # noqa: E402
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn: Any, device: torch.device, repeats: int = 1) -> tuple[Any, float]:
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     out = None
     for _ in range(repeats):
         out = fn()
-    sync(device)
+    synchronize(device)
     return out, (time.perf_counter() - t0) / repeats
 
 

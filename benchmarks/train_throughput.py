@@ -40,17 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
-from ltta.runtime import resolve_device  # noqa: E402
+from ltta.runtime import resolve_device, synchronize  # noqa: E402
 from ltta.training.target import TRAIN_MODES, TrainConfig, train_classifier  # noqa: E402
 from ltta.transforms.ops import FAA_OPS  # noqa: E402
 from ltta.transforms.policy import CompiledPolicy, OpSpec, Policy  # noqa: E402
 
 NOTE = "random images and labels: throughput only"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_policy(seed: int, subpolicies: int = 5, ops: int = 2) -> Policy:
@@ -106,14 +101,14 @@ def ceiling(
 
     for _ in range(5):  # compile, autotune, graph capture
         step()
-    sync(device)
+    synchronize(device)
     steps, t0 = 0, time.perf_counter()
     while steps < 5 or time.perf_counter() - t0 < seconds:
         step()
         steps += 1
         if steps % 20 == 0:
-            sync(device)
-    sync(device)
+            synchronize(device)
+    synchronize(device)
     return steps * batch / (time.perf_counter() - t0)
 
 

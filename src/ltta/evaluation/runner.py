@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ltta.corruptions.names import BENCHMARK, EXTRA
 from ltta.evaluation.metrics import baseline_covers, ece, error_rate, mean_corruption_error, nll, relative_mce
+from ltta.runtime import synchronize
 
 CLEAN = "clean"
 
@@ -90,11 +91,6 @@ def _needs_labels(method: Any) -> bool:
     return "y" in inspect.signature(method.predict).parameters
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _predict(method: Any, x: torch.Tensor, y: torch.Tensor, with_labels: bool, batch_size: int | None) -> torch.Tensor:
     chunk = x.shape[0] if batch_size is None else batch_size
     outs = []
@@ -138,10 +134,10 @@ def evaluate_methods(
         for label, method in methods.items():
             bar.set_postfix_str(f"{eval_set.label} {label}")
             with_labels = _needs_labels(method)
-            _synchronize(x.device)
+            synchronize(x.device)
             start = time.perf_counter()
             probs = _predict(method, x, y, with_labels, batch_size)
-            _synchronize(x.device)
+            synchronize(x.device)
             elapsed = max(time.perf_counter() - start, 1e-9)
             if not isinstance(probs, torch.Tensor) or probs.shape[0] != x.shape[0] or probs.ndim != 2:
                 got = tuple(probs.shape) if hasattr(probs, "shape") else type(probs).__name__
