@@ -63,6 +63,13 @@ def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
             np.save(fh, array)
 
 
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Save a matplotlib figure as PNG atomically; returns the path (for logging it as an artifact)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return Path(path)
+
+
 def save_torch(path: str | os.PathLike[str], obj: Any) -> None:
     """``torch.save`` atomically (checkpoints survive a kill mid-write)."""
     import torch

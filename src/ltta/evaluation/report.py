@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ltta.evaluation.runner import EvalResults
-from ltta.io import atomic_path
+from ltta.io import save_figure
 
 MISSING = "n/a"
 
@@ -162,12 +162,6 @@ def severity_plot_rows(results: EvalResults, benchmark: Sequence[str] | None = N
     return rows
 
 
-def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    return path
-
-
 def _severity_figure(results: EvalResults, benchmark: Sequence[str]) -> Any:
     from matplotlib.figure import Figure
 
@@ -258,5 +252,5 @@ def write_plots(
     ]
     if corruptions:
         figures.insert(1, ("corruption_heatmap.png", lambda: _heatmap_figure(results, corruptions)))
-    return [_save(make(), out / name) for name, make in figures]
+    return [save_figure(make(), out / name) for name, make in figures]
 

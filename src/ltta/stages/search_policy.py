@@ -25,7 +25,7 @@ import torch
 from ltta import tracking
 from ltta.config import Params
 from ltta.data import subsample_stratified
-from ltta.io import atomic_path, load_npz, write_json
+from ltta.io import atomic_path, load_npz, save_figure, write_json
 from ltta.models import build_model
 from ltta.runtime import resolve_device, seed_everything, to_float_nchw
 from ltta.search import default_model_cache, run_search_worker, search_policy
@@ -56,11 +56,9 @@ def log_fold_runs(history: list[dict[str, Any]]) -> None:
 
 def write_score_figure(path: Path, rows: list[dict[str, Any]]) -> Path:
     """Trial score over trials, one line per fold (and its running best), as a PNG for MLflow."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for fold in sorted({int(r["fold"]) for r in rows}):
         pts = sorted((int(r["trial"]), float(r["score"])) for r in rows if int(r["fold"]) == fold)
@@ -72,9 +70,7 @@ def write_score_figure(path: Path, rows: list[dict[str, Any]]) -> Path:
     ax.set_ylabel("density-matching score (D_A accuracy)")
     ax.set_title("Fast AutoAugment search: score per trial (dots) and running best (lines)")
     ax.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
