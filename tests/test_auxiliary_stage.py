@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import digits  # noqa: F401  (the shared real-digits fixture)
 
 from ltta.config import TrainTargetParams, parse_params
 from ltta.io import save_npz, write_json
@@ -31,7 +30,7 @@ def test_params_schema_carries_the_trainers_defaults() -> None:
 
 
 def test_train_target_stage_in_auxiliary_mode_writes_a_plain_target(
-    digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through the stage: params -> TrainConfig, training, then models/target.pt and the MLflow model
     (torch.export) are the plain architecture, loadable by every later stage."""
