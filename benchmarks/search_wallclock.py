@@ -42,7 +42,7 @@ import optuna  # noqa: E402
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import resolve_device, to_float_nchw  # noqa: E402
-from ltta.search import search_policy  # noqa: E402
+from ltta.search import SearchSpec, search_policy  # noqa: E402
 from ltta.search.worker import run_search_worker  # noqa: E402
 from ltta.training.target import TrainConfig, train_classifier  # noqa: E402
 from ltta.transforms.policy import save_policy  # noqa: E402
@@ -87,6 +87,12 @@ def train_fold_model(
     return model.eval()
 
 
+def search_spec(args: argparse.Namespace) -> SearchSpec:
+    """The search's K, B, T and policy shape from the command line (the same in every process)."""
+    return SearchSpec(num_folds=args.folds, fold_ratio=args.fold_ratio, num_trials=args.trials,
+                      num_policies=args.policies, num_ops=args.ops, top_n=args.top_n, repeats=args.repeats, seed=0)
+
+
 def _worker(args: argparse.Namespace, storage: str, cache: str, key: str) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = resolve_device(args.device)
@@ -94,9 +100,8 @@ def _worker(args: argparse.Namespace, storage: str, cache: str, key: str) -> Non
     x, y = to_float_nchw(x_np, device), torch.as_tensor(y_np, device=device)
     fn = functools.partial(train_fold_model, arch=args.arch, classes=int(y_np.max()) + 1, epochs=args.epochs,
                            batch_size=args.batch_size, compile_model=args.compile)
-    run_search_worker(x, y, train_fn=fn, num_folds=args.folds, fold_ratio=args.fold_ratio, num_trials=args.trials,
-                      num_policies=args.policies, num_ops=args.ops, repeats=args.repeats, seed=0, device=device,
-                      storage=storage, model_cache=cache, cache_key=key, wait=False)
+    run_search_worker(x, y, search_spec(args), train_fn=fn, device=device, storage=storage, model_cache=cache,
+                      cache_key=key, wait=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         fn = functools.partial(train_fold_model, arch=args.arch, classes=classes, epochs=args.epochs,
                                batch_size=args.batch_size, compile_model=args.compile, timings=timings)
         policy, history = search_policy(
-            x, y, train_fn=fn, num_folds=args.folds, fold_ratio=args.fold_ratio, num_trials=args.trials,
-            num_policies=args.policies, num_ops=args.ops, repeats=args.repeats, top_n=args.top_n, seed=0,
-            device=device, storage=storage, model_cache=cache, cache_key=key,
+            x, y, search_spec(args), train_fn=fn, device=device, storage=storage, model_cache=cache, cache_key=key,
             on_trial=lambda fold, trial, score: trial_times.append(time.perf_counter()),
         )
         for p in procs:

@@ -11,7 +11,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from ltta.search import fold_splits, policy_score, search_policy
+from ltta.search import SearchSpec, fold_splits, policy_score, search_policy
 from ltta.transforms.functional import random_crop_flip
 from ltta.transforms.policy import (
     CompiledPolicy,
@@ -203,8 +203,9 @@ def test_search_end_to_end_and_resume(tmp_path) -> None:
         trained.append(fold)
         return _train(x, y, fold)
 
-    kwargs = dict(train_fn=train_fn, num_folds=2, fold_ratio=0.4, num_trials=4, num_policies=3, num_ops=2,
-                  top_n=2, seed=0, batch_size=128, storage=storage, study_name="t")
+    spec = SearchSpec(num_folds=2, fold_ratio=0.4, num_trials=4, num_policies=3, num_ops=2, top_n=2, seed=0,
+                      batch_size=128)
+    kwargs = dict(train_fn=train_fn, storage=storage, study_name="t")
 
     def crash_after_three(fold: int, trial: int, score: float) -> None:
         seen.append((fold, trial, score))
@@ -212,13 +213,13 @@ def test_search_end_to_end_and_resume(tmp_path) -> None:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):  # the search is "killed" after its third stored trial
-        search_policy(X, Y, on_trial=crash_after_three, **kwargs)
+        search_policy(X, Y, spec, on_trial=crash_after_three, **kwargs)
     assert trained == [0] and [(f, t) for f, t, _ in seen] == [(0, 0), (0, 1), (0, 2)]
     first = list(seen)
 
     trained.clear()
     seen.clear()
-    policy, history = search_policy(X, Y, on_trial=lambda f, t, s: seen.append((f, t, s)), **kwargs)
+    policy, history = search_policy(X, Y, spec, on_trial=lambda f, t, s: seen.append((f, t, s)), **kwargs)
     # only the missing trials ran: one more in fold 0, four in fold 1
     assert [(f, t) for f, t, _ in seen] == [(0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
     assert trained == [0, 1]
@@ -238,6 +239,6 @@ def test_search_end_to_end_and_resume(tmp_path) -> None:
     # a finished search reruns nothing and gives the same policy
     trained.clear()
     seen.clear()
-    again, history2 = search_policy(X, Y, on_trial=lambda f, t, s: seen.append((f, t, s)), **kwargs)
+    again, history2 = search_policy(X, Y, spec, on_trial=lambda f, t, s: seen.append((f, t, s)), **kwargs)
     assert trained == [] and seen == []
     assert again == policy and history2 == history

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from ltta.search import make_storage, run_fold_trials, run_search_worker, search_policy
+from ltta.search import SearchSpec, make_storage, run_fold_trials, run_search_worker, search_policy
 from ltta.search.faa import logical_trial_number, worker_id
 from ltta.transforms.functional import random_crop_flip
 
@@ -31,8 +31,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
 N_TRIALS = 6
 # Two sub-policies of two ops: Optuna commits each suggested parameter, so a small space keeps trials cheap.
-SEARCH = dict(num_folds=2, fold_ratio=0.4, num_trials=N_TRIALS, num_policies=2, num_ops=2, seed=0, batch_size=128,
-              study_name="w", cache_key="tiny-mlp-v1")
+SPEC = SearchSpec(num_folds=2, fold_ratio=0.4, num_trials=N_TRIALS, num_policies=2, num_ops=2, top_n=2, seed=0,
+                  batch_size=128)
+SEARCH = dict(study_name="w", cache_key="tiny-mlp-v1")
 # A killed worker's trial is stale ~3-4 s after its last beat (SQLite keeps whole seconds, so the
 # grace must exceed two beats for a live trial never to look stale).
 BEAT = dict(heartbeat_interval=1, grace_period=3)
@@ -82,7 +83,7 @@ def _worker_main(role: str, url: str, cache: str, data: str, sync: str) -> None:
             time.sleep(600)  # killed here, in the middle of a trial
         return random_crop_flip(view, generator)
 
-    run_search_worker(x, y, train_fn=train_tiny, storage=make_storage(url, **BEAT), model_cache=cache,
+    run_search_worker(x, y, SPEC, train_fn=train_tiny, storage=make_storage(url, **BEAT), model_cache=cache,
                       on_trial=lambda fold, trial, score: completed.append(trial), post_augment=post_augment,
                       wait=False, poll_interval=0.05, **SEARCH)
 
@@ -136,7 +137,7 @@ def test_two_workers_and_a_killed_trial_give_the_single_process_search(tmp_path)
         return train_tiny(xs, ys, fold)
 
     storage = make_storage(url, **BEAT)
-    policy, history = search_policy(x, y, train_fn=counted_train, storage=storage, model_cache=cache, top_n=2,
+    policy, history = search_policy(x, y, SPEC, train_fn=counted_train, storage=storage, model_cache=cache,
                                     on_trial=lambda f, t, s: seen.append((f, t)), poll_interval=0.05, **SEARCH)
     assert trained == []  # both fold models came from the workers' cache
     assert len(seen) == 1  # only the killed trial was left
@@ -160,7 +161,7 @@ def test_two_workers_and_a_killed_trial_give_the_single_process_search(tmp_path)
     assert pids <= ran_by and str(os.getpid()) in ran_by  # both workers and the coordinator ran trials
 
     # One process, in memory, no workers: the same trials, scores and policy.
-    ref_policy, ref_history = search_policy(x, y, train_fn=train_tiny, storage=None, top_n=2, **SEARCH)
+    ref_policy, ref_history = search_policy(x, y, SPEC, train_fn=train_tiny, storage=None, **SEARCH)
     assert history == ref_history
     assert policy == ref_policy and policy.meta == ref_policy.meta
 

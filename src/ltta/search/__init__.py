@@ -14,10 +14,11 @@ from ltta.search.faa import (
 )
 from ltta.search.model_cache import FoldModelCache
 from ltta.search.storage import default_model_cache, make_storage
-from ltta.search.worker import run_search_worker, search_policy
+from ltta.search.worker import SearchSpec, run_search_worker, search_policy
 
 __all__ = [
     "FoldModelCache",
+    "SearchSpec",
     "completed_trials",
     "default_model_cache",
     "fold_splits",

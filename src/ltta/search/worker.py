@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -48,14 +49,34 @@ from ltta.transforms.functional import random_crop_flip
 from ltta.transforms.policy import Policy
 
 
-def _check(x: torch.Tensor, y: torch.Tensor, fold_ratio: float, **counts: int) -> None:
+@dataclass(frozen=True)
+class SearchSpec:
+    """What a search's trials, scores and merged policy depend on: Fast AutoAugment's K, B, T and
+    the policy's shape (kakaobrain/fast-autoaugment ``search.py``: ``cv_num`` 5, ``num_search`` 200,
+    ``num_policy`` 5, ``num_op`` 2, top 10 per fold), in one value that every entry point passes on.
+    """
+
+    num_folds: int = 5  # K
+    fold_ratio: float = 0.4  # share of each fold in D_A
+    num_trials: int = 200  # B, TPE trials per fold and repeat
+    num_policies: int = 5  # sub-policies per candidate policy
+    num_ops: int = 2  # ops per sub-policy
+    top_n: int = 10  # best trials per fold (and repeat) merged into the final policy
+    repeats: int = 1  # T
+    seed: int = 0
+    batch_size: int = 512  # D_A images per scoring batch
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fold_ratio < 1.0:
+            raise ValueError(f"fold_ratio (the D_A share) must lie in (0, 1), got {self.fold_ratio}")
+        for name in ("num_folds", "num_trials", "num_policies", "num_ops", "top_n", "repeats", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.dim() != 4 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x must be [N,C,H,W] with one label per image; got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not 0.0 < fold_ratio < 1.0:
-        raise ValueError(f"fold_ratio (the D_A share) must lie in (0, 1), got {fold_ratio}")
-    for name, value in counts.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _free_slot(study: optuna.Study, n_trials: int) -> bool:
@@ -65,16 +86,9 @@ def _free_slot(study: optuna.Study, n_trials: int) -> bool:
 def run_search_worker(
     x: torch.Tensor,
     y: torch.Tensor,
+    spec: SearchSpec,
     *,
     train_fn: TrainFn,
-    num_folds: int = 5,
-    fold_ratio: float = 0.4,
-    num_trials: int = 200,
-    num_policies: int = 5,
-    num_ops: int = 2,
-    repeats: int = 1,
-    seed: int = 0,
-    batch_size: int = 512,
     device: torch.device | str | None = None,
     on_trial: OnTrial | None = None,
     storage: str | BaseStorage | None = None,
@@ -93,21 +107,21 @@ def run_search_worker(
     ``wait``: whether to stay until every study is complete (waiting for other workers'
     running trials and retrying those of dead ones) or return once nothing is left to start.
     """
-    _check(x, y, fold_ratio, num_folds=num_folds, num_trials=num_trials, num_policies=num_policies,
-           num_ops=num_ops, repeats=repeats, batch_size=batch_size)
+    _check_data(x, y)
+    num_folds, repeats, num_trials, seed = spec.num_folds, spec.repeats, spec.num_trials, spec.seed
     dev = torch.device(device) if device is not None else x.device
     rdb = make_storage(storage) if isinstance(storage, str) else storage
     settings = None
     if rdb is not None:  # what a stored score depends on; workers started with other params are refused
-        settings = {"num_folds": num_folds, "fold_ratio": fold_ratio, "num_policies": num_policies,
-                    "num_ops": num_ops, "seed": seed, "train": cache_key, "data": data_digest(x, y)}
+        settings = {"num_folds": num_folds, "fold_ratio": spec.fold_ratio, "num_policies": spec.num_policies,
+                    "num_ops": spec.num_ops, "seed": seed, "train": cache_key, "data": data_digest(x, y)}
     studies = {
         (repeat, fold): open_fold_study(rdb, study_name, repeat, fold, seed, settings)
         for fold in range(num_folds)
         for repeat in range(repeats)
     }
     cache = FoldModelCache(model_cache) if isinstance(model_cache, (str, os.PathLike)) else model_cache
-    splits = fold_splits(y, num_folds, fold_ratio, seed)
+    splits = fold_splits(y, num_folds, spec.fold_ratio, seed)
     models: dict[int, nn.Module] = {}
 
     def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,12 +154,12 @@ def run_search_worker(
 
             def evaluate(policy: Policy, trial_number: int, _r: int = repeat) -> float:
                 gen = torch.Generator(device=dev).manual_seed(trial_eval_seed(seed, _r, fold, trial_number))
-                return policy_score(model, x_da, y_da, policy, generator=gen, num_copies=num_policies,
-                                    batch_size=batch_size, post_augment=post_augment)
+                return policy_score(model, x_da, y_da, policy, generator=gen, num_copies=spec.num_policies,
+                                    batch_size=spec.batch_size, post_augment=post_augment)
 
             report = None if on_trial is None else (lambda num, score: on_trial(fold, num, score))
-            run_fold_trials(studies[(repeat, fold)], evaluate, num_trials, num_policies=num_policies,
-                            num_ops=num_ops, on_trial=report, wait=False)
+            run_fold_trials(studies[(repeat, fold)], evaluate, num_trials, num_policies=spec.num_policies,
+                            num_ops=spec.num_ops, on_trial=report, wait=False)
 
     while True:
         open_folds = [f for f in range(num_folds)
@@ -175,29 +189,13 @@ def run_search_worker(
 
 
 def search_policy(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    train_fn: TrainFn,
-    num_folds: int = 5,
-    fold_ratio: float = 0.4,
-    num_trials: int = 200,
-    num_policies: int = 5,
-    num_ops: int = 2,
-    top_n: int = 10,
-    repeats: int = 1,
-    seed: int = 0,
-    batch_size: int = 512,
-    device: torch.device | str | None = None,
-    on_trial: OnTrial | None = None,
-    storage: str | BaseStorage | None = None,
-    study_name: str = "ltta-faa",
-    post_augment: Augment | None = random_crop_flip,
-    model_cache: str | os.PathLike[str] | FoldModelCache | None = None,
-    cache_key: str = "",
-    poll_interval: float = 1.0,
+    x: torch.Tensor, y: torch.Tensor, spec: SearchSpec, *, train_fn: TrainFn, **options: Any
 ) -> tuple[Policy, list[dict[str, Any]]]:
     """Search a Fast AutoAugment policy on images ``x`` (float [N,C,H,W] in [0,1]) and labels ``y``.
+
+    ``spec`` fixes K, B, T and the policy's shape; ``options`` are :func:`run_search_worker`'s
+    keywords (``device``, ``on_trial``, ``storage``, ``study_name``, ``post_augment``,
+    ``model_cache``, ``cache_key``, ``poll_interval``), described here.
 
     ``train_fn(x_dm, y_dm, fold)`` trains and returns a model on a fold's D_M (taking images in
     [0,1]); it is called only for folds whose studies still lack trials, so a resumed search with
@@ -211,22 +209,18 @@ def search_policy(
     Returns the final policy (``meta`` records the settings and per-fold scores) and the history
     of every completed trial: ``{"repeat", "fold", "trial", "score", "subpolicies"}``.
     """
-    _check(x, y, fold_ratio, top_n=top_n)
-    studies = run_search_worker(
-        x, y, train_fn=train_fn, num_folds=num_folds, fold_ratio=fold_ratio, num_trials=num_trials,
-        num_policies=num_policies, num_ops=num_ops, repeats=repeats, seed=seed, batch_size=batch_size,
-        device=device, on_trial=on_trial, storage=storage, study_name=study_name, post_augment=post_augment,
-        model_cache=model_cache, cache_key=cache_key, wait=True, poll_interval=poll_interval,
-    )
-    final, history, fold_stats = merge_trials(studies, num_policies=num_policies, num_ops=num_ops, top_n=top_n)
+    if "wait" in options:
+        raise TypeError("search_policy always waits for every trial; use run_search_worker(wait=False) to leave early")
+    studies = run_search_worker(x, y, spec, train_fn=train_fn, wait=True, **options)
+    final, history, fold_stats = merge_trials(studies, num_policies=spec.num_policies, num_ops=spec.num_ops,
+                                              top_n=spec.top_n)
     if not final:
         raise RuntimeError("the search finished without a completed trial; check the trial errors above")
     meta = {
         "method": "fast-autoaugment",
         "reference": "kakaobrain/fast-autoaugment FastAutoAugment/search.py",
         "num_images": int(x.shape[0]),
-        "num_folds": num_folds, "fold_ratio": fold_ratio, "num_trials": num_trials,
-        "num_policies": num_policies, "num_ops": num_ops, "top_n": top_n, "repeats": repeats, "seed": seed,
+        **{k: v for k, v in asdict(spec).items() if k != "batch_size"},
         "folds": fold_stats,
     }
     return Policy(final, meta), history

@@ -28,7 +28,7 @@ from ltta.data import subsample_stratified
 from ltta.io import atomic_path, load_npz, save_figure, write_json
 from ltta.models import build_model
 from ltta.runtime import resolve_device, seed_everything, to_float_nchw
-from ltta.search import default_model_cache, run_search_worker, search_policy
+from ltta.search import SearchSpec, default_model_cache, run_search_worker, search_policy
 from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.train_target import model_kwargs
 from ltta.training.target import TrainConfig, train_classifier
@@ -110,19 +110,18 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
     cache_key = hashlib.sha256(json.dumps(
         [t.arch, kwargs, t.batch_size, t.lr, t.weight_decay, t.amp, t.channels_last, s.epochs, params.seed],
         sort_keys=True, default=str).encode()).hexdigest()[:16]
-    search_kwargs = dict(
-        train_fn=train_fold_model, num_folds=s.folds, fold_ratio=s.fold_ratio, num_trials=s.trials,
-        num_policies=s.policies, num_ops=s.ops, repeats=s.repeats, seed=params.seed, device=device,
-        storage=s.storage, model_cache=default_model_cache(s.storage), cache_key=cache_key,
-    )
+    spec = SearchSpec(num_folds=s.folds, fold_ratio=s.fold_ratio, num_trials=s.trials, num_policies=s.policies,
+                      num_ops=s.ops, top_n=s.top_n, repeats=s.repeats, seed=params.seed)
+    options = dict(train_fn=train_fold_model, device=device, storage=s.storage,
+                   model_cache=default_model_cache(s.storage), cache_key=cache_key)
     if worker:  # no outputs, no MLflow run: the plain command merges and records everything
         ran: list[int] = []
-        run_search_worker(x, y, on_trial=lambda fold, trial, score: ran.append(trial), wait=False, **search_kwargs)
+        run_search_worker(x, y, spec, on_trial=lambda fold, trial, score: ran.append(trial), wait=False, **options)
         print(f"search worker: {len(ran)} trials run here; nothing left to start in {s.storage}")
         return
 
     with mlflow_stage(STAGE, params, ("search_policy",)):
-        policy, history = search_policy(x, y, top_n=s.top_n, on_trial=on_trial, **search_kwargs)
+        policy, history = search_policy(x, y, spec, on_trial=on_trial, **options)
         # Every stored trial (other workers' and earlier runs' too), not only this process's.
         rows = [{"fold": h["fold"], "trial": h["trial"], "score": h["score"]} for h in history]
         save_policy(paths.policy, policy)
