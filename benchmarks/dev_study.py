@@ -13,12 +13,15 @@ part, clean and under all 19 corruptions x 5 severities. It answers, on real ima
 * a target trained with a searched policy against standard training on the same split (issue 7,
   ``--policy``: e.g. the policy ``benchmarks/search_wallclock.py`` searched on this split).
 
-Recipes: standard and augmix as google-research/augmix ``cifar.py`` (SGD Nesterov, lr 0.1 per-step
-cosine to 1e-6, wd 5e-4, batch 128); policy as kakaobrain/fast-autoaugment's WRN-40-2 conf
-(wd 2e-4, 5-epoch warm-up, cutout 16). ``--epochs`` scales all of them (the sample is small).
+Recipes: each mode's is the pipeline's own, ``ltta params profile=cifar10 study=<mode>`` composed
+from ``conf/`` (``conf/study/<mode>.yaml``: standard SGD Nesterov lr 0.1 per-step cosine, wd 5e-4,
+batch 128; augmix as google-research/augmix ``cifar.py``, cosine to 1e-6; policy as
+kakaobrain/fast-autoaugment's WRN-40-2 conf, wd 2e-4, 5-epoch warm-up, cutout 16; auxiliary with
+the reference's head settings), with ``--arch``, ``--epochs`` and ``--compile`` from the command
+line (the sample is small; a warm-up as long as the run is dropped).
 
-Needs torch, numpy, scikit-learn (the splits), tqdm; no DVC / MLflow. Prints the tables and
-writes JSON and Markdown (``--out-dir``).
+Needs torch, numpy, scikit-learn (the splits), tqdm, and hydra-core / pydantic for the recipes; no
+DVC / MLflow. Prints the tables and writes JSON and Markdown (``--out-dir``).
 
     python benchmarks/dev_study.py --data cifar10_dev.npz --modes standard augmix --epochs 100 --compile
 """
@@ -26,6 +29,7 @@ writes JSON and Markdown (``--out-dir``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -37,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from ltta.compose import compose_params  # noqa: E402
 from ltta.corruptions import ALL_CORRUPTIONS, BENCHMARK, EXTRA, corrupt  # noqa: E402
 from ltta.data import loss_predictor_split, stratified_holdout  # noqa: E402
 from ltta.evaluation import CLEAN, EvalSet, evaluate_methods  # noqa: E402
@@ -44,18 +49,21 @@ from ltta.evaluation.report import results_markdown  # noqa: E402
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import make_generator, resolve_device, to_float_nchw, synchronize  # noqa: E402
+from ltta.stages.train_target import train_config  # noqa: E402
 from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
 from ltta.training.target import TRAIN_MODES, TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
 from ltta.transforms.policy import CompiledPolicy, load_policy  # noqa: E402
 from ltta.tta import build_candidates, build_method, candidate_losses, identity_index, predictor_training_inputs  # noqa: E402
 
-#: Per-mode recipe on top of TrainConfig's defaults (see the module docstring for the sources).
-RECIPES: dict[str, dict[str, Any]] = {
-    "standard": {"weight_decay": 5e-4, "min_lr": 1e-6},
-    "augmix": {"weight_decay": 5e-4, "min_lr": 1e-6},
-    "policy": {"weight_decay": 2e-4, "warmup_epochs": 5, "cutout": 16},
-    "auxiliary": {"weight_decay": 5e-4, "min_lr": 1e-6},
-}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def study_recipe(mode: str, args: argparse.Namespace) -> TrainConfig:
+    """The cifar10 profile's trainer settings for ``study=<mode>``, at this run's length and compile."""
+    params = compose_params(ROOT / "conf", ["profile=cifar10", f"study={mode}"])
+    cfg = train_config(params.train_target, seed=0)
+    warmup = cfg.warmup_epochs if args.epochs > cfg.warmup_epochs else 0
+    return dataclasses.replace(cfg, epochs=args.epochs, compile=args.compile, warmup_epochs=warmup)
 
 
 def run_mode(
@@ -65,9 +73,7 @@ def run_mode(
     x_tr, y_tr, x_te, y_te, y_tr_np = data["x_tr"], data["y_tr"], data["x_te"], data["y_te"], data["y_tr_np"]
     torch.manual_seed(0)
     model = build_model(args.arch, num_classes=data["classes"]).to(device)  # a mode attaches what it needs
-    recipe = dict(RECIPES.get(mode, {}))
-    cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.1, mode=mode, compile=args.compile, seed=0,
-                      **{k: v for k, v in recipe.items() if k != "warmup_epochs" or args.epochs > v})
+    cfg = study_recipe(mode, args)
     extra = CompiledPolicy(policy, device) if TRAIN_MODES.get(mode).needs_extra_augment else None
     synchronize(device)
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ltta import tracking
-from ltta.config import Params
+from ltta.config import Params, TrainTargetParams
 from ltta.io import atomic_path, load_npz, write_json
 from ltta.model_io import save_model_file
 from ltta.models import build_model
@@ -54,21 +54,10 @@ def write_curve(path: Any, history: list[dict[str, Any]]) -> None:
         writer.writerows(history)
 
 
-def run(params: Params, paths: Paths = Paths()) -> None:
-    # Launched by torchrun: a process group and one device per process; otherwise a no-op.
-    with distributed_session(params.device) as proc:
-        _run(params, paths, proc)
-
-
-def _run(params: Params, paths: Paths, proc: DistContext) -> None:
-    p = params.train_target
-    device = proc.device
-    seed_everything(params.seed)
-    train = load_npz(paths.prepared / "train.npz", required=("x", "y"))
-    test = load_npz(paths.prepared / "test.npz", required=("x", "y"))
-    meta = json.loads((paths.prepared / "meta.json").read_text())
-
-    cfg = TrainConfig(
+def train_config(p: TrainTargetParams, seed: int) -> TrainConfig:
+    """The trainer's settings from the ``train_target`` params: the one mapping, also used by
+    ``benchmarks/dev_study.py`` so that its recipes are the studies' (``conf/study/``)."""
+    return TrainConfig(
         epochs=p.epochs,
         batch_size=p.batch_size,
         lr=p.lr,
@@ -96,8 +85,25 @@ def _run(params: Params, paths: Paths, proc: DistContext) -> None:
         channels_last=p.channels_last,
         compile=p.compile,
         compile_mode=p.compile_mode,
-        seed=params.seed,
+        seed=seed,
     )
+
+
+def run(params: Params, paths: Paths = Paths()) -> None:
+    # Launched by torchrun: a process group and one device per process; otherwise a no-op.
+    with distributed_session(params.device) as proc:
+        _run(params, paths, proc)
+
+
+def _run(params: Params, paths: Paths, proc: DistContext) -> None:
+    p = params.train_target
+    device = proc.device
+    seed_everything(params.seed)
+    train = load_npz(paths.prepared / "train.npz", required=("x", "y"))
+    test = load_npz(paths.prepared / "test.npz", required=("x", "y"))
+    meta = json.loads((paths.prepared / "meta.json").read_text())
+
+    cfg = train_config(p, params.seed)
     kwargs = model_kwargs(p.width, meta)
     policy = load_policy(paths.root / p.policy) if p.mode == "policy" else None
     policy_digest = hashlib.sha256((paths.root / p.policy).read_bytes()).hexdigest() if policy is not None else None
