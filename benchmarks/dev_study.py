@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def study_recipe(mode: str, args: argparse.Namespace) -> TrainConfig:
     """The cifar10 profile's trainer settings for ``study=<mode>``, at this run's length and compile."""
-    params = compose_params(ROOT / "conf", ["profile=cifar10", f"study={mode}"])
+    params = compose_params(ROOT / "conf", ["profile=cifar10", f"study={mode}", *args.set])
     cfg = train_config(params.train_target, seed=0)
     warmup = cfg.warmup_epochs if args.epochs > cfg.warmup_epochs else 0
     return dataclasses.replace(cfg, epochs=args.epochs, compile=args.compile, warmup_epochs=warmup)
@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="wrn_40_2")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="overrides of the composed recipe, as `ltta params` takes them "
+                         "(e.g. train_target.aux_merge_start=1.0)")
     ap.add_argument("--test-fraction", type=float, default=0.15)
     ap.add_argument("--predictor-epochs", type=int, default=30)
     ap.add_argument("--predictor-width", type=int, default=16)
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "arch": args.arch, "epochs": args.epochs, "n_train": len(tr), "n_test": len(te),
-        "policy": str(args.policy) if args.policy else None, "modes": {},
+        "policy": str(args.policy) if args.policy else None, "overrides": args.set, "modes": {},
     }  # fmt: skip
     for mode in args.modes:
         row = run_mode(mode, args, device, data, sets, policy)
