@@ -36,7 +36,7 @@ from ltta.runtime import make_generator, to_float_nchw, synchronize  # noqa: E40
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10_dev.npz"
-DEFAULT_REFERENCE = ROOT / "benchmarks" / "results" / "corruption_reference_cpu.json"
+DEFAULT_REFERENCE = ROOT / "benchmarks" / "results" / "corruption_reference_timing_cpu.json"
 WARMUP_IMAGES = 64
 
 

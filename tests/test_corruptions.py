@@ -112,6 +112,22 @@ def test_an_empty_batch_comes_back_empty(x: torch.Tensor) -> None:
         corrupt(empty, "fog", 6, _gen(0))  # the severity is still checked
 
 
+@pytest.mark.parametrize("name", ["elastic_transform", "spatter", "brightness"])
+def test_cpu_batches_run_in_chunks_from_one_generator(name: str, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU corrupt() runs cache-sized chunks in order from one generator: the output is the
+    per-chunk calls concatenated, and a batch of one chunk is one plain call."""
+    from ltta.corruptions import apply
+
+    monkeypatch.setattr(apply, "CPU_CHUNK", 3)
+    fn, batch = CORRUPTIONS.get(name), x[:8]
+    gen = _gen(5)
+    expected = torch.cat([fn(batch[i : i + 3], 4, gen) for i in range(0, 8, 3)])
+    assert torch.equal(corrupt(batch, name, 4, _gen(5)), expected)
+    assert torch.equal(corrupt(batch[:3], name, 4, _gen(5)), fn(batch[:3], 4, _gen(5)))
+    if name == "elastic_transform":  # its three draws interleave, so one whole-batch call differs
+        assert not torch.equal(expected, fn(batch, 4, _gen(5)))
+
+
 @pytest.mark.parametrize("name", ALL_CORRUPTIONS)
 def test_op_contract_and_determinism(name: str, x: torch.Tensor) -> None:
     fn = CORRUPTIONS.get(name)
