@@ -19,6 +19,7 @@ from ltta.training.predictor import (
     penalised_parameters,
     predictor_cutout,
     predictor_quality,
+    prior_scores,
     ranking_quality,
     train_predictor,
 )
@@ -222,6 +223,22 @@ def test_ranking_quality_on_a_hand_computed_case() -> None:
     assert q["oracle_error"] == pytest.approx(1 / 3) and q["random_error"] == pytest.approx(4 / 9)
     with pytest.raises(ValueError, match=r"\[N,C\]"):
         ranking_quality(scores[:, :2], losses)
+
+
+def test_prior_ranking_is_the_mean_training_loss_order() -> None:
+    """The input-independent baseline: one fixed order for every image, from the training table."""
+    train = torch.tensor([[0.5, 0.1, 0.9], [0.3, 0.3, 0.7]])  # means 0.4, 0.2, 0.8: candidate 1 first
+    prior = prior_scores(train)
+    assert torch.allclose(prior, torch.tensor([-0.4, -0.2, -0.8]))
+    losses = torch.tensor([[0.2, 0.1, 0.3], [0.1, 0.2, 0.3]])
+    correct = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    q = ranking_quality(prior.expand_as(losses), losses, correct=correct, prior=prior)
+    # row 1: prior ranks [2, 3, 1] vs -loss ranks [2, 3, 1] -> rho 1; row 2: [2, 3, 1] vs [3, 2, 1] -> rho 0.5
+    assert q["prior_rho"] == pytest.approx(0.75) and q["spearman_rho"] == pytest.approx(q["prior_rho"])
+    assert q["prior_top1_agreement"] == pytest.approx(0.5) == q["top1_agreement"]
+    assert q["prior_loss"] == pytest.approx(0.15) and q["prior_error"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="one score per candidate"):
+        ranking_quality(losses, losses, prior=prior[:2])
 
 
 def test_predictor_quality_of_a_perfect_ranker() -> None:

@@ -2,7 +2,7 @@
 
 Outputs: ``models/predictor.pt`` (the EMA weights, with the candidate names in column order),
 ``metrics/predictor.json`` (Spearman rho and top-1 agreement with the oracle on valid_loss,
-beside the random-ranking baseline) and ``plots/predictor_curve.csv``. With
+beside the random-ranking baseline and the input-independent prior: each candidate's mean training loss) and ``plots/predictor_curve.csv``. With
 ``train_predictor.ranker: sodeep`` the SoDeep sorter comes from ``models/sorters/`` and is trained
 there first when missing (:mod:`ltta.stages.train_sorter`).
 """
@@ -29,6 +29,7 @@ STAGE = "train_predictor"
 REPORTED = (
     "spearman_rho", "random_rho", "top1_agreement", "random_top1_agreement",
     "chosen_loss", "identity_loss", "oracle_loss", "random_loss",
+    "prior_rho", "prior_top1_agreement", "prior_loss",
 )
 
 

@@ -254,6 +254,7 @@ def ranking_quality(
     *,
     correct: torch.Tensor | None = None,
     identity_index: int = 0,
+    prior: torch.Tensor | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
     """How well ``scores`` [N,C] (higher = predicted better) rank the candidates against the true ``losses`` [N,C].
@@ -266,7 +267,12 @@ def ranking_quality(
       ``random_top1_agreement``: its expectation for a uniformly random pick (1/C without ties);
     - ``chosen_loss`` / ``identity_loss`` / ``oracle_loss`` / ``random_loss``: mean loss of the
       top-scored candidate, of identity, of the best candidate, of a uniformly random candidate
-      (expectation); with ``correct`` [N,C] also the matching ``*_error`` rates.
+      (expectation); with ``correct`` [N,C] also the matching ``*_error`` rates;
+    - with ``prior`` [C] (one input-independent score per candidate, e.g. minus the mean training
+      loss of each: :func:`prior_scores`): ``prior_rho``, ``prior_top1_agreement``, ``prior_loss``
+      (and ``prior_error``), the same measures for that fixed ranking. A predictor only helps
+      beyond it if it reads the image; one that merely learned which candidates are good on
+      average matches the prior, not the oracle.
     """
     if scores.dim() != 2 or scores.shape != losses.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and losses {tuple(losses.shape)} must both be [N,C]")
@@ -289,6 +295,15 @@ def ranking_quality(
         "oracle_loss": float(best.mean()),
         "random_loss": float(losses.mean()),
     }
+    prior_choice = None
+    if prior is not None:
+        if prior.shape != (losses.shape[1],):
+            raise ValueError(f"prior must hold one score per candidate ({losses.shape[1]}), got {tuple(prior.shape)}")
+        prior_scores_n = prior.to(losses.device, losses.dtype).expand_as(losses)
+        prior_choice = torch.full_like(chosen, int(prior.argmax()))
+        out["prior_rho"] = float(spearman_rho(prior_scores_n, -losses).nanmean())
+        out["prior_top1_agreement"] = float(at_best.gather(1, prior_choice[:, None]).float().mean())
+        out["prior_loss"] = float(losses.gather(1, prior_choice[:, None]).mean())
     if correct is not None:
         if correct.shape != losses.shape:
             raise ValueError(f"correct {tuple(correct.shape)} must match losses {tuple(losses.shape)}")
@@ -297,7 +312,15 @@ def ranking_quality(
         out["identity_error"] = float(wrong[:, identity_index].mean())
         out["oracle_error"] = float(wrong.gather(1, losses.argmin(1, keepdim=True)).mean())
         out["random_error"] = float(wrong.mean())
+        if prior_choice is not None:
+            out["prior_error"] = float(wrong.gather(1, prior_choice[:, None]).mean())
     return out
+
+
+def prior_scores(losses: torch.Tensor) -> torch.Tensor:
+    """The input-independent ranking a predictor should beat: minus each candidate's mean loss over
+    ``losses`` [N,C] (the training table), i.e. "always prefer what is best on average"."""
+    return -losses.float().mean(0)
 
 
 @torch.no_grad()
@@ -308,6 +331,7 @@ def predictor_quality(
     *,
     correct: torch.Tensor | None = None,
     identity_index: int = 0,
+    prior: torch.Tensor | None = None,
     batch_size: int = 1024,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -316,7 +340,7 @@ def predictor_quality(
     scores = predictor_scores(predictor, x, batch_size).to(losses.device)
     if scores.shape != losses.shape:
         raise ValueError(f"the predictor gives {tuple(scores.shape)} scores for losses of shape {tuple(losses.shape)}")
-    return ranking_quality(scores, losses, correct=correct, identity_index=identity_index, seed=seed)
+    return ranking_quality(scores, losses, correct=correct, identity_index=identity_index, prior=prior, seed=seed)
 
 
 # ---------------------------------------------------------------- training
@@ -344,7 +368,8 @@ def train_predictor(
     Images: float [N,3,H,W] in [0,1] or uint8 [N,3,H,W] (kept uint8 on the device, converted per
     batch); losses: float [N,C] (column ``identity_index`` is identity). Both sets are moved to
     ``device`` once. After every epoch the EMA model is scored on the validation set with
-    :func:`predictor_quality` (keys prefixed ``valid_``), next to ``train_loss``, ``lr``,
+    :func:`predictor_quality` (keys prefixed ``valid_``; the prior is the training table's
+    :func:`prior_scores`), next to ``train_loss``, ``lr``,
     ``valid_raw_spearman_rho`` (the non-averaged weights) and ``seconds``; ``on_epoch(epoch,
     metrics)`` gets that dict (epochs count from 1). A non-finite loss stops with a RuntimeError.
     """
@@ -356,6 +381,7 @@ def train_predictor(
     predictor.to(dev)
     xt, lt = x_train.to(dev), losses_train.to(dev).float()
     xv, lv = x_valid.to(dev), losses_valid.to(dev).float()
+    prior = prior_scores(lt)
     n = xt.shape[0]
     steps_per_epoch = max(1, n // cfg.batch_size)  # drop_last, as train.py
     total = cfg.epochs * steps_per_epoch
@@ -403,7 +429,7 @@ def train_predictor(
             metrics: dict[str, float] = {"epoch": float(epoch), "lr": float(schedule.get_last_lr()[0])}
             metrics["train_loss"] = float(loss_sum) / steps_per_epoch
             quality = predictor_quality(
-                ema_model, xv, lv, identity_index=identity_index, batch_size=cfg.eval_batch_size
+                ema_model, xv, lv, identity_index=identity_index, prior=prior, batch_size=cfg.eval_batch_size
             )
             metrics.update({f"valid_{k}": v for k, v in quality.items()})
             raw = predictor_scores(predictor, xv, cfg.eval_batch_size)
@@ -433,6 +459,7 @@ __all__ = [
     "penalised_parameters",
     "predictor_cutout",
     "predictor_quality",
+    "prior_scores",
     "ranking_quality",
     "train_predictor",
 ]
