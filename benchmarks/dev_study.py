@@ -50,7 +50,7 @@ from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import make_generator, resolve_device, to_float_nchw, synchronize  # noqa: E402
 from ltta.stages.train_target import train_config  # noqa: E402
-from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
+from ltta.training.predictor import PredictorConfig, prior_scores, train_predictor  # noqa: E402
 from ltta.training.target import TRAIN_MODES, TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
 from ltta.transforms.policy import CompiledPolicy, load_policy  # noqa: E402
 from ltta.tta import build_candidates, build_method, candidate_losses, identity_index, predictor_training_inputs  # noqa: E402
@@ -84,8 +84,8 @@ def run_mode(
     print(f"[{mode}] trained {args.epochs} epochs in {t_train:.1f} s; clean test error {100 * clean['error']:.2f}%", flush=True)
 
     candidates = build_candidates("all")
-    pred, t_loss, t_pred, pvalid = None, 0.0, 0.0, {}
-    if "learned" in args.methods:  # the loss dataset and predictor, as the stages make them
+    pred, prior, t_loss, t_pred, pvalid = None, None, 0.0, 0.0, {}
+    if {"learned", "prior"} & set(args.methods):  # the loss dataset and predictor, as the stages make them
         tl, vl = loss_predictor_split(y_tr_np)
         gen = make_generator(1, device)
         x_in = predictor_training_inputs(x_tr[tl], gen, duplication=3, p_aug=0.4, corruptions=list(BENCHMARK))
@@ -104,9 +104,10 @@ def run_mode(
                                       identity_index=identity_index(candidates), progress=False)
         t_pred = time.perf_counter() - t0
         pvalid = {k: v for k, v in phist[-1].items() if k.startswith("valid_")}
+        prior = prior_scores(l_tr)
 
     names = [m for m in args.methods if m != "policy" or policy is not None]
-    methods = {m: build_method(m, model, candidates=candidates, k=args.k, predictor=pred, policy=policy,
+    methods = {m: build_method(m, model, candidates=candidates, k=args.k, predictor=pred, prior=prior, policy=policy,
                                generator=make_generator(2, device), batch_size=1024, device=device) for m in names}
     t0 = time.perf_counter()
     results = evaluate_methods(methods, sets, batch_size=None, progress=False)
@@ -145,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corruptions", nargs="+", default=list(ALL_CORRUPTIONS),
                     help="corruptions evaluated (default: all 19; fewer for a quick smoke run)")
     ap.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
-    ap.add_argument("--methods", nargs="+", default=["none", "flip", "five_crop", "random", "policy", "learned", "oracle"],
-                    help="TTA methods evaluated ('policy' needs --policy; without 'learned' no predictor is trained)")
+    ap.add_argument("--methods", nargs="+", default=["none", "flip", "five_crop", "random", "policy", "learned", "prior", "oracle"],
+                    help="TTA methods evaluated ('policy' needs --policy; without 'learned' or 'prior' no predictor is trained)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out-dir", type=Path, default=Path("dev_study"))
     args = ap.parse_args(argv)

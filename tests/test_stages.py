@@ -123,3 +123,32 @@ def test_search_logs_one_child_run_per_fold(pipeline_run: tuple[Paths, dict]) ->
     assert len(parent_ids) == 1  # all under the stage's run
     history = client.get_metric_history(children[0].info.run_id, "score")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(raw["search_policy"]["trials"]))
+
+
+def test_prior_method_reads_the_predictors_training_means(pipeline_run: tuple[Paths, dict], tmp_path: Path) -> None:
+    """train_predictor stores each candidate's mean training loss; evaluate's 'prior' refuses a file without it."""
+    import shutil
+
+    import torch
+
+    from ltta.model_io import load_model_file, save_model_file
+    from ltta.training.predictor import prior_scores
+
+    paths, raw = pipeline_run
+    predictor, extra = load_model_file(paths.predictor)
+    with np.load(paths.loss_data / "train.npz") as z:
+        expected = prior_scores(torch.as_tensor(z["losses"]))
+    assert torch.allclose(torch.tensor(extra["prior"]), expected)
+    assert "prior" in raw["evaluate"]["methods"]  # in the default table, so the pipeline run above scored it
+    other = Paths(tmp_path)
+    for src, dst in ((paths.prepared, other.prepared), (paths.corrupted, other.corrupted)):
+        shutil.copytree(src, dst)
+    for src, dst in ((paths.target, other.target), (paths.policy, other.policy)):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+    blob = torch.load(paths.predictor, weights_only=False)
+    old = {k: v for k, v in extra.items() if k != "prior"}
+    save_model_file(other.predictor, predictor, blob["arch"], blob["kwargs"], extra=old)
+    with pytest.raises(ValueError, match="rerun `ltta train-predictor`"):
+        evaluate.run(parse_params(tiny_params()), other)
+    assert not (other.metrics / "eval.json").exists()

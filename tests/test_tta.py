@@ -230,6 +230,25 @@ def test_learned_selection_and_full_k(target: SmallCNN, data: tuple[torch.Tensor
         build_method("learned", target, candidates="paper", predictor=predictor).predict(x)
 
 
+def test_prior_uses_the_same_best_on_average_candidates_for_every_image(
+    target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, _ = data
+    cands = build_candidates("all")
+    prior = torch.zeros(24)
+    prior[[5, 2, 17]] = torch.tensor([3.0, 2.0, 1.0])  # candidates 5, 2, 17 are best on average
+    method = build_method("prior", target, candidates=cands, k=2, prior=prior)
+    assert method.forward_passes == 2
+    expected = (predict_proba(target, apply_candidate(x, cands[5])) + predict_proba(target, apply_candidate(x, cands[2]))) / 2
+    torch.testing.assert_close(method.predict(x), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs prior"):
+        build_method("prior", target, candidates=cands, k=2)
+    with pytest.raises(ValueError, match="one score per candidate"):
+        build_method("prior", target, candidates=cands, k=2, prior=prior[:5])
+    with pytest.raises(ValueError, match="exceeds"):
+        build_method("prior", target, candidates=cands, k=25, prior=prior)
+
+
 def test_random_is_seeded(target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, _ = data
     def run(seed: int) -> torch.Tensor:
@@ -256,7 +275,7 @@ def test_policy_method_averages_identity_and_subpolicies(
 
 
 def test_registry_lists_methods(target: SmallCNN) -> None:
-    expected = {"none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "oracle"}
+    expected = {"none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "prior", "oracle"}
     assert set(TTA_METHODS.names()) == expected
     with pytest.raises(KeyError, match="known"):
         build_method("magic", target)

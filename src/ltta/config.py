@@ -186,10 +186,10 @@ class SearchPolicyParams(_Section):
 
 
 class EvaluateParams(_Section):
-    methods: list[Literal["none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "oracle"]] = Field(
+    methods: list[Literal["none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "prior", "oracle"]] = Field(
         min_length=1
     )
-    k: PositiveInt = 3  # views chosen by random / policy / learned TTA
+    k: PositiveInt = 3  # views chosen by random / policy / learned / prior TTA
     baseline: str = "none"  # the method that mCE is relative to
     batch_size: PositiveInt = 512
     severities: list[Annotated[int, Field(ge=1, le=5)]] = Field(default=[1, 2, 3, 4, 5], min_length=1)

@@ -87,7 +87,13 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     device = resolve_device(params.device)
     seed_everything(params.seed)
     target, _ = load_model_file(paths.target, device)
-    predictor, pextra = load_model_file(paths.predictor, device) if "learned" in e.methods else (None, {})
+    needs_predictor_file = {"learned", "prior"} & set(e.methods)
+    predictor, pextra = load_model_file(paths.predictor, device) if needs_predictor_file else (None, {})
+    if "prior" in e.methods and "prior" not in pextra:
+        raise ValueError(
+            f"evaluate: method 'prior' needs the candidates' mean training losses, which {paths.predictor} "
+            "does not hold (it predates them); rerun `ltta train-predictor` (or `dvc repro train_predictor`)"
+        )
     candidates = build_candidates(pextra.get("candidates", params.loss_dataset.candidates))
     policy = load_policy(paths.policy) if "policy" in e.methods else None
     meta_data = json.loads((paths.prepared / "meta.json").read_text())
@@ -95,7 +101,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     with mlflow_stage(STAGE, params, ("evaluate",)):
         methods = {
             name: build_method(
-                name, target, candidates=candidates, k=e.k, predictor=predictor, policy=policy,
+                name, target, candidates=candidates, k=e.k, predictor=predictor, prior=pextra.get("prior"), policy=policy,
                 generator=make_generator(params.seed, device), batch_size=e.batch_size, device=device,
             )
             for name in e.methods

@@ -23,7 +23,7 @@ from ltta.runtime import resolve_device, seed_everything
 from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.train_sorter import load_or_train_sorter
 from ltta.stages.train_target import write_curve
-from ltta.training.predictor import PredictorConfig, train_predictor
+from ltta.training.predictor import PredictorConfig, prior_scores, train_predictor
 
 STAGE = "train_predictor"
 REPORTED = (
@@ -62,7 +62,8 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             identity_index=int(loss_meta["identity_index"]), sorter=sorter,
             on_epoch=lambda epoch, m: tracking.log_metrics(m, step=epoch),
         )
-        save_model_file(paths.predictor, ema, "loss_predictor", kwargs, extra={"candidates": names})
+        prior = prior_scores(torch.as_tensor(train["losses"])).tolist()  # for evaluate's 'prior' method
+        save_model_file(paths.predictor, ema, "loss_predictor", kwargs, extra={"candidates": names, "prior": prior})
         last = history[-1]
         metrics = {k: round(float(last[f"valid_{k}"]), 4) for k in REPORTED if f"valid_{k}" in last}
         metrics["epochs"] = len(history)

@@ -44,6 +44,7 @@ class MethodContext:
     candidates: list[Candidate]
     k: int = 1
     predictor: nn.Module | None = None
+    prior: torch.Tensor | None = None  # [C] input-independent candidate scores (higher = better)
     policy: Any = None  # ltta.transforms.policy.Policy (or a list of sub-policies)
     generator: torch.Generator | None = None
     batch_size: int = 512
@@ -340,6 +341,39 @@ class LearnedTTA(TTAMethod):
         return self._average_selected(x, self.selection(x))
 
 
+@TTA_METHODS.register("prior")
+class PriorTTA(TTAMethod):
+    """Ablation of ``learned``: the same k candidates for every image, those with the lowest mean
+    loss over the predictor's training table (:func:`ltta.training.predictor.prior_scores`).
+
+    Not in the paper; it answers whether the predictor's gain comes from reading the image or
+    only from knowing which candidates help on average (on corrupted inputs, e.g. autocontrast).
+    It costs k passes and no predictor run.
+    """
+
+    name = "prior"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        if ctx.prior is None:
+            raise ValueError(
+                "method 'prior' needs prior= (one score per candidate: minus its mean training loss, "
+                "saved in the predictor file by `ltta train-predictor`)"
+            )
+        if ctx.prior.shape != (len(ctx.candidates),):
+            raise ValueError(f"prior has shape {tuple(ctx.prior.shape)}, expected one score per candidate ({len(ctx.candidates)})")
+        if ctx.k > len(ctx.candidates):
+            raise ValueError(f"k={ctx.k} exceeds the {len(ctx.candidates)} candidates")
+        self.chosen = ctx.prior.float().topk(ctx.k).indices.to(ctx.device)  # best first
+
+    @property
+    def forward_passes(self) -> float:
+        return float(self.ctx.k)
+
+    def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self._average_selected(x, self.chosen.expand(x.shape[0], -1))
+
+
 @TTA_METHODS.register("oracle")
 class OracleTTA(TTAMethod):
     """Upper bound: per image the k candidates with the lowest true loss (needs the labels)."""
@@ -370,6 +404,7 @@ def build_method(
     candidates: Sequence[Candidate] | Sequence[str] | str | None = None,
     k: int = 1,
     predictor: nn.Module | None = None,
+    prior: torch.Tensor | Sequence[float] | None = None,
     policy: Any = None,
     generator: torch.Generator | None = None,
     batch_size: int = 512,
@@ -381,6 +416,7 @@ def build_method(
     """Build the TTA method ``name`` around the frozen ``target``.
 
     ``candidates``: Candidate objects, names, or a preset ("all", "paper"); default "all".
+    ``prior``: per-candidate scores for ``prior`` (minus the mean training loss).
     ``generator`` (on ``device``) drives ``random`` and ``policy``; default: seed 0 there.
     ``device``: where views are made; default the target's.
     """
@@ -392,8 +428,9 @@ def build_method(
     else:
         items = list(candidates)
         cands = items if all(isinstance(c, Candidate) for c in items) else build_candidates([str(c) for c in items])
+    prior_t = None if prior is None else torch.as_tensor(prior, dtype=torch.float32)
     ctx = MethodContext(
-        target=target, candidates=cands, k=k, predictor=predictor, policy=policy, generator=generator,
+        target=target, candidates=cands, k=k, predictor=predictor, prior=prior_t, policy=policy, generator=generator,
         batch_size=batch_size, device=dev, amp=amp, crop_margin=crop_margin, image_size=image_size,
     )
     return TTA_METHODS.get(name)(ctx)
