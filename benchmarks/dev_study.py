@@ -125,6 +125,7 @@ def run_mode(
         "train_images_per_s": float(np.median([h["images_per_s"] for h in hist[1:]] or [hist[0]["images_per_s"]])),
         "loss_dataset_seconds": t_loss, "predictor_seconds": t_pred, "eval_seconds": t_eval,
         "predictor": pvalid, "summary": summary, "markdown": table,
+        "prior_candidates": methods["prior"].chosen_names if "prior" in methods else None,
     }  # fmt: skip
 
 

@@ -238,7 +238,7 @@ def test_prior_uses_the_same_best_on_average_candidates_for_every_image(
     prior = torch.zeros(24)
     prior[[5, 2, 17]] = torch.tensor([3.0, 2.0, 1.0])  # candidates 5, 2, 17 are best on average
     method = build_method("prior", target, candidates=cands, k=2, prior=prior)
-    assert method.forward_passes == 2
+    assert method.forward_passes == 2 and method.chosen_names == [cands[5].name, cands[2].name]
     expected = (predict_proba(target, apply_candidate(x, cands[5])) + predict_proba(target, apply_candidate(x, cands[2]))) / 2
     torch.testing.assert_close(method.predict(x), expected, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="needs prior"):

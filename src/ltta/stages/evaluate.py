@@ -116,6 +116,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             "test images": meta_data["n_test"] if e.max_images is None else min(e.max_images, meta_data["n_test"]),
             "candidates": len(candidates),
             "k": e.k,
+            **({"prior's candidates": ", ".join(methods["prior"].chosen_names)} if "prior" in methods else {}),
             "device": str(device),
             "date": _dt.date.today().isoformat(),
             "git commit": tracking.git_commit()[:12],

@@ -367,6 +367,11 @@ class PriorTTA(TTAMethod):
         self.chosen = ctx.prior.float().topk(ctx.k).indices.to(ctx.device)  # best first
 
     @property
+    def chosen_names(self) -> list[str]:
+        """The k candidates every image gets, best first (for reports)."""
+        return [self.ctx.candidates[int(i)].name for i in self.chosen]
+
+    @property
     def forward_passes(self) -> float:
         return float(self.ctx.k)
 
