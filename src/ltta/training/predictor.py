@@ -295,15 +295,14 @@ def ranking_quality(
         "oracle_loss": float(best.mean()),
         "random_loss": float(losses.mean()),
     }
-    prior_choice = None
+    prior_index = None  # the prior's top candidate, the same for every image
     if prior is not None:
         if prior.shape != (losses.shape[1],):
             raise ValueError(f"prior must hold one score per candidate ({losses.shape[1]}), got {tuple(prior.shape)}")
-        prior_scores_n = prior.to(losses.device, losses.dtype).expand_as(losses)
-        prior_choice = torch.full_like(chosen, int(prior.argmax()))
-        out["prior_rho"] = float(spearman_rho(prior_scores_n, -losses).nanmean())
-        out["prior_top1_agreement"] = float(at_best.gather(1, prior_choice[:, None]).float().mean())
-        out["prior_loss"] = float(losses.gather(1, prior_choice[:, None]).mean())
+        prior_index = int(prior.argmax())
+        out["prior_rho"] = float(spearman_rho(prior.to(losses.device, losses.dtype).expand_as(losses), -losses).nanmean())
+        out["prior_top1_agreement"] = float(at_best[:, prior_index].float().mean())
+        out["prior_loss"] = float(losses[:, prior_index].mean())
     if correct is not None:
         if correct.shape != losses.shape:
             raise ValueError(f"correct {tuple(correct.shape)} must match losses {tuple(losses.shape)}")
@@ -312,8 +311,8 @@ def ranking_quality(
         out["identity_error"] = float(wrong[:, identity_index].mean())
         out["oracle_error"] = float(wrong.gather(1, losses.argmin(1, keepdim=True)).mean())
         out["random_error"] = float(wrong.mean())
-        if prior_choice is not None:
-            out["prior_error"] = float(wrong.gather(1, prior_choice[:, None]).mean())
+        if prior_index is not None:
+            out["prior_error"] = float(wrong[:, prior_index].mean())
     return out
 
 

@@ -172,6 +172,12 @@ def _generator(ctx: MethodContext) -> torch.Generator:
     return gen
 
 
+def _check_k_within_candidates(ctx: MethodContext) -> None:
+    """Methods that pick k distinct candidates per image need k <= C."""
+    if ctx.k > len(ctx.candidates):
+        raise ValueError(f"k={ctx.k} exceeds the {len(ctx.candidates)} candidates")
+
+
 #: Method classes by name; each is built from a :class:`MethodContext`.
 TTA_METHODS: Registry[Callable[[MethodContext], TTAMethod]] = Registry("TTA method")
 
@@ -323,8 +329,7 @@ class LearnedTTA(TTAMethod):
         super().__init__(ctx)
         if ctx.predictor is None:
             raise ValueError("method 'learned' needs predictor= (a trained loss predictor)")
-        if ctx.k > len(ctx.candidates):
-            raise ValueError(f"k={ctx.k} exceeds the {len(ctx.candidates)} candidates")
+        _check_k_within_candidates(ctx)
         target_flops = flops_per_image(ctx.target, ctx.image_size)
         self.predictor_cost = flops_per_image(ctx.predictor, ctx.image_size) / max(target_flops, 1)
 
@@ -362,8 +367,7 @@ class PriorTTA(TTAMethod):
             )
         if ctx.prior.shape != (len(ctx.candidates),):
             raise ValueError(f"prior has shape {tuple(ctx.prior.shape)}, expected one score per candidate ({len(ctx.candidates)})")
-        if ctx.k > len(ctx.candidates):
-            raise ValueError(f"k={ctx.k} exceeds the {len(ctx.candidates)} candidates")
+        _check_k_within_candidates(ctx)
         self.chosen = ctx.prior.float().topk(ctx.k).indices.to(ctx.device)  # best first
 
     @property
@@ -392,8 +396,7 @@ class OracleTTA(TTAMethod):
 
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         assert y is not None
-        if self.ctx.k > len(self.ctx.candidates):
-            raise ValueError(f"k={self.ctx.k} exceeds the {len(self.ctx.candidates)} candidates")
+        _check_k_within_candidates(self.ctx)
         probs = self._all_candidate_probs(x)  # [N,C,K]
         yd = y.to(probs.device).long()
         p_true = probs.gather(2, yd[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(2)  # [N,C]
