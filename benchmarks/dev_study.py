@@ -66,45 +66,84 @@ def study_recipe(mode: str, args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(cfg, epochs=args.epochs, compile=args.compile, warmup_epochs=warmup)
 
 
-def run_mode(
-    mode: str, args: argparse.Namespace, device: torch.device, data: dict[str, Any], sets: list[EvalSet],
-    policy: Any,
-) -> dict[str, Any]:
-    x_tr, y_tr, x_te, y_te, y_tr_np = data["x_tr"], data["y_tr"], data["x_te"], data["y_te"], data["y_tr_np"]
+def load_sample(path: Path, test_fraction: float, device: torch.device) -> dict[str, Any]:
+    """The sample split into a training part and a fixed, stratified held-out test part (seed 0)."""
+    with np.load(path) as z:
+        x_all, y_all = z["x_train"], z["y_train"].astype(np.int64)
+    tr, te = stratified_holdout(y_all, test_fraction, seed=0)
+    return {
+        "x_tr": to_float_nchw(x_all[tr], device), "y_tr": torch.as_tensor(y_all[tr], device=device),
+        "x_te": to_float_nchw(x_all[te], device), "y_te": torch.as_tensor(y_all[te], device=device),
+        "y_tr_np": y_all[tr], "classes": int(y_all.max()) + 1, "train_index": tr, "test_index": te,
+    }  # fmt: skip
+
+
+def eval_sets(data: dict[str, Any], corruptions: list[str], severities: list[int], device: torch.device) -> list[EvalSet]:
+    """Clean and corrupted test sets as prepare_data stores them: corrupted, then quantised to uint8 levels."""
+    gen = make_generator(3, device)
+    return [EvalSet(CLEAN, 0, data["x_te"], data["y_te"])] + [
+        EvalSet(c, s, corrupt(data["x_te"], c, s, gen).clamp(0, 1).mul(255).floor().div(255), data["y_te"])
+        for c in corruptions for s in severities
+    ]
+
+
+def train_target(
+    mode: str, args: argparse.Namespace, device: torch.device, data: dict[str, Any], policy: Any
+) -> tuple[torch.nn.Module, float, float, list[dict[str, float]]]:
+    """The ``mode`` target on the sample's training part: (model, seconds, clean test error, history)."""
     torch.manual_seed(0)
     model = build_model(args.arch, num_classes=data["classes"]).to(device)  # a mode attaches what it needs
     cfg = study_recipe(mode, args)
     extra = CompiledPolicy(policy, device) if TRAIN_MODES.get(mode).needs_extra_augment else None
     synchronize(device)
     t0 = time.perf_counter()
-    hist = train_classifier(model, x_tr, y_tr, cfg, progress=False, extra_augment=extra)
+    hist = train_classifier(model, data["x_tr"], data["y_tr"], cfg, progress=False, extra_augment=extra)
     synchronize(device)
     t_train = time.perf_counter() - t0
-    clean = evaluate_classifier(model, x_te, y_te)
+    clean = evaluate_classifier(model, data["x_te"], data["y_te"])
     print(f"[{mode}] trained {args.epochs} epochs in {t_train:.1f} s; clean test error {100 * clean['error']:.2f}%", flush=True)
+    return model, t_train, float(clean["error"]), hist
 
+
+def build_loss_tables(model: torch.nn.Module, data: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The loss dataset as the stages make it: the paper's train_loss / valid_loss split of the training
+    part, the predictor's inputs (3 copies x 2 flips, deformed and corrupted with p = 0.4 as the public
+    dataloader) and the target's loss under each of the 24 candidates."""
+    x_tr, y_tr = data["x_tr"], data["y_tr"]
+    candidates = build_candidates("all")
+    tl, vl = loss_predictor_split(data["y_tr_np"])
+    gen = make_generator(1, device)
+    x_in = predictor_training_inputs(x_tr[tl], gen, duplication=3, p_aug=0.4, corruptions=list(BENCHMARK))
+    y_in = y_tr[tl].repeat(x_in.shape[0] // len(tl))
+    x_v = predictor_training_inputs(x_tr[vl], gen, duplication=1, p_aug=0.4, corruptions=list(BENCHMARK),
+                                    deform=False, flips="none")
+    t0 = time.perf_counter()
+    l_tr, _ = candidate_losses(model, x_in, y_in, candidates, batch_size=1024)
+    l_v, _ = candidate_losses(model, x_v, y_tr[vl], candidates, batch_size=1024)
+    synchronize(device)
+    return {"candidates": candidates, "x_train": x_in, "losses_train": l_tr, "x_valid": x_v, "losses_valid": l_v,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def run_mode(
+    mode: str, args: argparse.Namespace, device: torch.device, data: dict[str, Any], sets: list[EvalSet],
+    policy: Any,
+) -> dict[str, Any]:
+    model, t_train, clean_error, hist = train_target(mode, args, device, data, policy)
     candidates = build_candidates("all")
     pred, prior, t_loss, t_pred, pvalid = None, None, 0.0, 0.0, {}
     if {"learned", "prior"} & set(args.methods):  # the loss dataset and predictor, as the stages make them
-        tl, vl = loss_predictor_split(y_tr_np)
-        gen = make_generator(1, device)
-        x_in = predictor_training_inputs(x_tr[tl], gen, duplication=3, p_aug=0.4, corruptions=list(BENCHMARK))
-        y_in = y_tr[tl].repeat(x_in.shape[0] // len(tl))
-        x_v = predictor_training_inputs(x_tr[vl], gen, duplication=1, p_aug=0.4, corruptions=list(BENCHMARK),
-                                        deform=False, flips="none")
-        t0 = time.perf_counter()
-        l_tr, _ = candidate_losses(model, x_in, y_in, candidates, batch_size=1024)
-        l_v, _ = candidate_losses(model, x_v, y_tr[vl], candidates, batch_size=1024)
-        synchronize(device)
-        t_loss = time.perf_counter() - t0
+        tables = build_loss_tables(model, data, device)
+        candidates, t_loss = tables["candidates"], tables["seconds"]
         predictor = build_model("loss_predictor", num_outputs=len(candidates), width=args.predictor_width)
         pcfg = PredictorConfig(epochs=args.predictor_epochs, batch_size=768, seed=0)
         t0 = time.perf_counter()
-        pred, phist = train_predictor(predictor, x_in, l_tr, x_v, l_v, pcfg, device=device,
+        pred, phist = train_predictor(predictor, tables["x_train"], tables["losses_train"], tables["x_valid"],
+                                      tables["losses_valid"], pcfg, device=device,
                                       identity_index=identity_index(candidates), progress=False)
         t_pred = time.perf_counter() - t0
         pvalid = {k: v for k, v in phist[-1].items() if k.startswith("valid_")}
-        prior = prior_scores(l_tr)
+        prior = prior_scores(tables["losses_train"])
 
     names = [m for m in args.methods if m != "policy" or policy is not None]
     methods = {m: build_method(m, model, candidates=candidates, k=args.k, predictor=pred, prior=prior, policy=policy,
@@ -118,10 +157,10 @@ def run_mode(
     summary = results.summary(bench, extras, "none")
     table = results_markdown(results, title=f"{args.arch}, mode {mode}, {args.epochs} epochs (dev sample)",
                              meta={"data": str(args.data), "mode": mode, "epochs": args.epochs,
-                                   "train images": len(y_tr_np), "test images": int(y_te.shape[0])},
+                                   "train images": len(data["y_tr_np"]), "test images": int(data["y_te"].shape[0])},
                              benchmark=bench, extra=extras, baseline_method="none")
     return {
-        "mode": mode, "train_seconds": t_train, "clean_error": float(clean["error"]),
+        "mode": mode, "train_seconds": t_train, "clean_error": clean_error,
         "train_images_per_s": float(np.median([h["images_per_s"] for h in hist[1:]] or [hist[0]["images_per_s"]])),
         "loss_dataset_seconds": t_loss, "predictor_seconds": t_pred, "eval_seconds": t_eval,
         "predictor": pvalid, "summary": summary, "markdown": table,
@@ -160,20 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"mode {mode!r} trains with a policy: pass --policy PATH (a searched policy JSON)")
     policy = load_policy(args.policy) if args.policy is not None else None
 
-    with np.load(args.data) as z:
-        x_all, y_all = z["x_train"], z["y_train"].astype(np.int64)
-    tr, te = stratified_holdout(y_all, args.test_fraction, seed=0)
-    data = {
-        "x_tr": to_float_nchw(x_all[tr], device), "y_tr": torch.as_tensor(y_all[tr], device=device),
-        "x_te": to_float_nchw(x_all[te], device), "y_te": torch.as_tensor(y_all[te], device=device),
-        "y_tr_np": y_all[tr], "classes": int(y_all.max()) + 1,
-    }  # fmt: skip
-    gen = make_generator(3, device)
-    # The test sets as prepare_data stores them: corrupted, then quantised to uint8 levels.
-    sets = [EvalSet(CLEAN, 0, data["x_te"], data["y_te"])] + [
-        EvalSet(c, s, corrupt(data["x_te"], c, s, gen).clamp(0, 1).mul(255).floor().div(255), data["y_te"])
-        for c in args.corruptions for s in args.severities
-    ]
+    data = load_sample(args.data, args.test_fraction, device)
+    tr, te = data["train_index"], data["test_index"]
+    sets = eval_sets(data, args.corruptions, args.severities, device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -1,0 +1,214 @@
+"""Does the loss predictor read the image? Its training settings, one at a time, against the prior.
+
+The dev study (``dev_study.py``) found that a fixed top-k, the k candidates with the lowest mean
+training loss for every image (TTA method ``prior``), beats the learned top-k on a real CIFAR
+sample. This script asks whether that is the method or our predictor's training: it trains the
+target and builds the loss dataset once (exactly as ``dev_study.py`` does, same splits and seeds,
+cached in ``--cache``), then trains one loss predictor per *variant* of the settings and reports,
+for each:
+
+- on valid_loss: Spearman rho of its scores against ``-loss``, top-1 agreement with the oracle and
+  the mean loss of its top-1 pick, beside the same for the prior (``valid_prior_*``);
+- on the training table (a fixed subset of 2,048 rows, uncut inputs): the same rho, so a gap
+  between train and valid says over-fitting and two low numbers say under-fitting;
+- with ``--eval``: learned top-k's clean error and mean corruption error on the held-out test part
+  (the 15 benchmark corruptions x 5 severities by default), beside no TTA and the prior.
+
+A variant is ``NAME:KEY=VALUE,KEY=VALUE`` over :class:`ltta.training.predictor.PredictorConfig`'s
+fields and ``width`` (the predictor's trunk width); unnamed keys keep the dev study's settings
+(width 16, 30 epochs, 768 rows per step, the public code's objective, cutout and EMA). Needs what
+``dev_study.py`` needs.
+
+    python benchmarks/predictor_ablation.py --data cifar10_dev.npz --arch small_cnn --epochs 20 --eval \\
+        --variants paper no_cutout:cutout=0 small_batch:batch_size=128 spearman:objective=spearman,rank_temperature=0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dev_study import build_loss_tables, eval_sets, load_sample, train_target  # noqa: E402
+
+from ltta.corruptions import BENCHMARK  # noqa: E402
+from ltta.evaluation import evaluate_methods  # noqa: E402
+from ltta.evaluation.runner import EvalResults  # noqa: E402
+from ltta.io import write_json  # noqa: E402
+from ltta.models import build_model  # noqa: E402
+from ltta.runtime import resolve_device  # noqa: E402
+from ltta.training.predictor import PredictorConfig, predictor_quality, prior_scores, train_predictor  # noqa: E402
+from ltta.tta import build_method, identity_index  # noqa: E402
+
+TRAIN_PROBE_ROWS = 2048  # training-table rows scored for the train-side rho (fixed, seed 0)
+
+
+def parse_variant(text: str, base: PredictorConfig, width: int) -> tuple[str, PredictorConfig, int]:
+    """``NAME[:KEY=VALUE,...]`` -> (name, config, width); values take the type of the field they set."""
+    name, _, spec = text.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(PredictorConfig)}
+    changes: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"variant {text!r}: {item!r} is not KEY=VALUE")
+        if key == "width":
+            width = int(value)
+            continue
+        if key not in fields:
+            raise SystemExit(f"variant {text!r}: unknown key {key!r}; known: width, {', '.join(fields)}")
+        kind = type(getattr(base, key))
+        changes[key] = kind(value)
+    return name, dataclasses.replace(base, **changes), width
+
+
+def load_or_build(args: argparse.Namespace, device: torch.device, data: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """The target and its loss tables, from ``--cache`` when a run with the same settings stored them."""
+    key = f"{Path(args.data).stem}_{args.arch}_{args.mode}_{args.epochs}ep_tf{args.test_fraction}"
+    path = args.cache / f"{key}.pt"
+    model = build_model(args.arch, num_classes=data["classes"]).to(device)
+    if path.exists():
+        blob = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(blob["target"])
+        print(f"target and loss tables from {path}", flush=True)
+        return model.eval(), blob["tables"], blob["info"]
+    model, t_train, clean_error, _ = train_target(args.mode, args, device, data, policy=None)
+    tables = build_loss_tables(model, data, device)
+    info = {"train_seconds": t_train, "clean_error": clean_error, "loss_dataset_seconds": tables["seconds"]}
+    args.cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"target": model.state_dict(), "tables": tables, "info": info}, tmp)
+    tmp.replace(path)
+    return model.eval(), tables, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help=".npz with x_train (uint8 NHWC 32x32) and y_train")
+    ap.add_argument("--mode", default="standard", help="the target's training mode (not policy: no policy is searched here)")
+    ap.add_argument("--arch", default="small_cnn")
+    ap.add_argument("--epochs", type=int, default=20, help="target epochs")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides, as dev_study.py")
+    ap.add_argument("--test-fraction", type=float, default=0.15)
+    ap.add_argument("--predictor-epochs", type=int, default=30)
+    ap.add_argument("--predictor-width", type=int, default=16)
+    ap.add_argument("--variants", nargs="+", default=["paper"], metavar="NAME[:KEY=VALUE,...]")
+    ap.add_argument("--eval", action="store_true", help="also evaluate learned top-k on the held-out test part")
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--corruptions", nargs="+", default=list(BENCHMARK))
+    ap.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--cache", type=Path, default=Path("predictor_ablation/cache"))
+    ap.add_argument("--out-dir", type=Path, default=Path("predictor_ablation"))
+    args = ap.parse_args(argv)
+    args.compile = False  # dev_study.study_recipe reads it
+    base = PredictorConfig(epochs=args.predictor_epochs, batch_size=768, seed=0)
+    variants = [parse_variant(v, base, args.predictor_width) for v in args.variants]
+    device = resolve_device(args.device)
+
+    data = load_sample(args.data, args.test_fraction, device)
+    model, tables, info = load_or_build(args, device, data)
+    candidates = tables["candidates"]
+    ident = identity_index(candidates)
+    prior = prior_scores(tables["losses_train"])
+    probe = torch.randperm(tables["x_train"].shape[0], generator=torch.Generator().manual_seed(0))[:TRAIN_PROBE_ROWS]
+    x_probe, l_probe = tables["x_train"][probe.to(device)], tables["losses_train"][probe.to(device)]
+
+    sets, baseline = None, None
+    if args.eval:
+        sets = eval_sets(data, args.corruptions, args.severities, device)
+        fixed = {m: build_method(m, model, candidates=candidates, k=args.k, prior=prior, batch_size=1024, device=device)
+                 for m in ("none", "prior")}  # fmt: skip
+        baseline = evaluate_methods(fixed, sets, batch_size=None, progress=False)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "data": str(args.data), "arch": args.arch, "mode": args.mode,
+        "epochs": args.epochs, "target": info, "k": args.k, "train_rows": int(tables["x_train"].shape[0]),
+        "valid_images": int(tables["x_valid"].shape[0]), "variants": {},
+    }  # fmt: skip
+    if baseline is not None:
+        report["baseline"] = baseline.summary(args.corruptions, [], "none")
+    for name, cfg, width in variants:
+        predictor = build_model("loss_predictor", num_outputs=len(candidates), width=width)
+        t0 = time.perf_counter()
+        pred, hist = train_predictor(predictor, tables["x_train"], tables["losses_train"], tables["x_valid"],
+                                     tables["losses_valid"], cfg, device=device, identity_index=ident, progress=False)
+        row: dict[str, Any] = {
+            "config": dataclasses.asdict(cfg), "width": width, "seconds": time.perf_counter() - t0,
+            "valid": {k: v for k, v in hist[-1].items() if k.startswith("valid_")},
+            "valid_rho_by_epoch": [h["valid_spearman_rho"] for h in hist],
+            "train_probe": predictor_quality(pred, x_probe, l_probe, identity_index=ident, prior=prior),
+        }  # fmt: skip
+        if sets is not None and baseline is not None:
+            learned = build_method("learned", model, candidates=candidates, k=args.k, predictor=pred,
+                                   batch_size=1024, device=device)
+            both = EvalResults(baseline.records + evaluate_methods({"learned": learned}, sets, progress=False).records)
+            row["eval"] = both.summary(args.corruptions, [], "none")["learned"]
+        report["variants"][name] = row
+        write_json(args.out_dir / "predictor_ablation.json", report)  # after each variant: a cut-off run keeps it
+        v, t = row["valid"], row["train_probe"]
+        line = (f"[{name}] {row['seconds']:.0f} s | valid rho {v['valid_spearman_rho']:.3f} (prior {v['valid_prior_rho']:.3f})"
+                f" top-1 {v['valid_top1_agreement']:.3f} (prior {v['valid_prior_top1_agreement']:.3f})"
+                f" chosen loss {v['valid_chosen_loss']:.3f} (prior {v['valid_prior_loss']:.3f})"
+                f" | train rho {t['spearman_rho']:.3f} (prior {t['prior_rho']:.3f})")
+        if "eval" in row:
+            line += f" | learned clean {row['eval']['clean_error']:.2f} corr {row['eval']['mean_corruption_error']:.2f}"
+        print(line, flush=True)
+
+    write_markdown(args.out_dir / "predictor_ablation.md", report)
+    print((args.out_dir / "predictor_ablation.md").read_text())
+    return 0
+
+
+def write_markdown(path: Path, report: dict[str, Any]) -> None:
+    """One row per variant: ranking quality on valid_loss and on the training table, and the TTA errors."""
+    evaluated = "baseline" in report
+    head = "| variant | changes | valid rho | train rho | valid top-1 | valid top-1 loss |"
+    rule = "|---|---|---|---|---|---|"
+    if evaluated:
+        head += " clean | corr. |"
+        rule += "---|---|"
+    lines = [f"# Loss predictor ablation: {report['arch']} target ({report['mode']}, {report['epochs']} epochs), "
+             f"{report['train_rows']} training rows, {report['valid_images']} valid_loss images", "",
+             f"{report['device']}, torch {report['torch']}, data {report['data']}, k = {report['k']}.", "", head, rule]
+    defaults = PredictorConfig()
+    first = next(iter(report["variants"].values()), None)
+    if first is not None:
+        v, t = first["valid"], first["train_probe"]
+        row = (f"| prior (no predictor) | - | {v['valid_prior_rho']:.3f} | {t['prior_rho']:.3f} | "
+               f"{v['valid_prior_top1_agreement']:.3f} | {v['valid_prior_loss']:.3f} |")
+        if evaluated:
+            b = report["baseline"]["prior"]
+            row += f" {b['clean_error']:.2f} | {b['mean_corruption_error']:.2f} |"
+        lines.append(row)
+        if evaluated:
+            b = report["baseline"]["none"]
+            lines.append(f"| no TTA | - | - | - | - | {v['valid_identity_loss']:.3f} | {b['clean_error']:.2f} | "
+                         f"{b['mean_corruption_error']:.2f} |")
+    for name, r in report["variants"].items():
+        changed = {k: val for k, val in r["config"].items() if getattr(defaults, k) != val and k not in ("epochs", "batch_size", "seed")}
+        changes = ", ".join(f"{k}={val}" for k, val in changed.items()) or "-"
+        changes = f"width={r['width']}, epochs={r['config']['epochs']}, batch={r['config']['batch_size']}" + (
+            f", {changes}" if changes != "-" else "")
+        v, t = r["valid"], r["train_probe"]
+        row = (f"| {name} | {changes} | {v['valid_spearman_rho']:.3f} | {t['spearman_rho']:.3f} | "
+               f"{v['valid_top1_agreement']:.3f} | {v['valid_chosen_loss']:.3f} |")
+        if evaluated and "eval" in r:
+            row += f" {r['eval']['clean_error']:.2f} | {r['eval']['mean_corruption_error']:.2f} |"
+        lines.append(row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
