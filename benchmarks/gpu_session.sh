@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements the open issues still need, as parts that each fit one 10-minute device call.
 #
-#   bash benchmarks/gpu_session.sh PART [PART ...]     # parts: deps train eval corrupt study-a study-b
-#   bash benchmarks/gpu_session.sh all                 # every part in order (about 26 min on one H100)
+#   bash benchmarks/gpu_session.sh PART [PART ...]     # parts: deps train eval corrupt study-a study-b ablation
+#   bash benchmarks/gpu_session.sh all                 # every part in order (about 30 min on one H100)
 #
 # Results go to $OUT (the device tool's return folder) or benchmarks/results/gpu_session/, one JSON
 # per part plus its log. Estimated H100 minutes per part are in brackets; the issue each answers after it.
@@ -16,6 +16,8 @@
 #   study-a  [~8]  benchmarks/dev_study.py, WRN-40-2, 200 epochs, standard + AugMix, every TTA method:
 #                  the paper's table on the dev sample (issues 5 and 6)
 #   study-b  [~8]  the same for the policy (searched on this split) and auxiliary targets (issue 5)
+#   ablation [~4]  benchmarks/predictor_ablation.py on the WRN-40-2 standard target of study-a: does the
+#                  predictor beat the input-independent prior with other training settings? (issue 6)
 #
 # Real CIFAR-10 is not here: neither the workstation nor the GPU box reaches its download site. The
 # clean-error run on it is `ltta params profile=cifar10 && dvc repro train_target` where it can be
@@ -69,11 +71,16 @@ part() {
         run study_b python benchmarks/dev_study.py --data "$data" --modes policy auxiliary --epochs 200 --compile \
             --policy "$policy" --out-dir "$out/dev_study_b"
         ;;
+    ablation)
+        run ablation python benchmarks/predictor_ablation.py --data "$data" --arch wrn_40_2 --epochs 200 --compile \
+            --eval --variants paper no_cutout:cutout=0 small_batch:batch_size=128 spearman:objective=spearman,rank_temperature=0.1 \
+            long:epochs=60 wide:width=32 --out-dir "$out/predictor_ablation" --cache /tmp/predictor_ablation_cache
+        ;;
     all)
-        for p in deps train eval corrupt study-a study-b; do part "$p"; done
+        for p in deps train eval corrupt study-a study-b ablation; do part "$p"; done
         ;;
     *)
-        echo "unknown part '$1'; parts: deps train eval corrupt study-a study-b all" >&2
+        echo "unknown part '$1'; parts: deps train eval corrupt study-a study-b ablation all" >&2
         return 2
         ;;
     esac

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="standard", help="the target's training mode (not policy: no policy is searched here)")
     ap.add_argument("--arch", default="small_cnn")
     ap.add_argument("--epochs", type=int, default=20, help="target epochs")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the target's training")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides, as dev_study.py")
     ap.add_argument("--test-fraction", type=float, default=0.15)
     ap.add_argument("--predictor-epochs", type=int, default=30)
@@ -110,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("predictor_ablation/cache"))
     ap.add_argument("--out-dir", type=Path, default=Path("predictor_ablation"))
     args = ap.parse_args(argv)
-    args.compile = False  # dev_study.study_recipe reads it
     base = PredictorConfig(epochs=args.predictor_epochs, batch_size=768, seed=0)
     variants = [parse_variant(v, base, args.predictor_width) for v in args.variants]
     device = resolve_device(args.device)

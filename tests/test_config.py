@@ -45,6 +45,9 @@ def test_profiles_are_one_switch_away(profile: str, source: str, arch: str) -> N
         (lambda r: r["corruptions"].__setitem__("names", ["gaussian_noise", "rain"]), "corruptions.names"),
         (lambda r: r["evaluate"].__setitem__("baseline", "flip_x"), "evaluate"),
         (lambda r: r["data"].__setitem__("valid_loss_fraction", 1.5), "data.valid_loss_fraction"),
+        (lambda r: r["evaluate"].__setitem__("selection", "greedy"), "evaluate.selection"),
+        (lambda r: r["evaluate"].__setitem__("threshold", -0.5), "evaluate.threshold"),
+        (lambda r: r["evaluate"].__setitem__("threshold", 0.5), "evaluate"),  # threshold needs selection eval_l2t
     ],
 )
 def test_bad_values_name_the_key(raw: dict, mutate, key: str) -> None:

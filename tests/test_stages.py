@@ -56,6 +56,7 @@ def test_every_stage_writes_its_outputs(pipeline_run: tuple[Paths, dict]) -> Non
     report = (paths.reports / "results.md").read_text()
     for method in raw["evaluate"]["methods"]:
         assert f"| {method}" in report
+    assert "learned selection" in report and "topk" in report  # how learned picked its views
     metrics = json.loads((paths.metrics / "eval.json").read_text())
     assert set(metrics["summary"]) == set(raw["evaluate"]["methods"])
     # The oracle is an upper bound: never worse than no TTA on the clean set.

@@ -16,6 +16,7 @@ from ltta.transforms.policy import OpSpec, Policy
 from ltta.tta.candidates import grouped_views
 from ltta.tta import (
     PAPER_ACTIONS,
+    SELECTIONS,
     TTA_METHODS,
     apply_candidate,
     build_candidates,
@@ -228,6 +229,68 @@ def test_learned_selection_and_full_k(target: SmallCNN, data: tuple[torch.Tensor
     assert one.forward_passes == pytest.approx(1 + 2 * ratio) and ratio > 0
     with pytest.raises(ValueError, match="outputs"):
         build_method("learned", target, candidates="paper", predictor=predictor).predict(x)
+
+
+def _public_greedy(probs: list[float], k: int, identity: int, th: float) -> list[int]:
+    """eval_l2t.py ``AugmentorLearned``'s pick loop, one image at a time, in plain Python."""
+    probs = list(probs)
+    picks = []
+    for _ in range(k):
+        best = max(range(len(probs)), key=lambda i: (probs[i], -i))  # argmax: first of ties
+        if probs[best] < th * probs[identity]:
+            best = identity
+        if best != identity:
+            probs[best] = 0.0
+        picks.append(best)
+    return picks
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.9, 1.5])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_eval_l2t_selection_matches_the_public_pick_loop(k: int, threshold: float) -> None:
+    g = torch.Generator().manual_seed(k)
+    scores = torch.rand(64, 12, generator=g).softmax(1)
+    scores[::4, 3] = 1.0  # identity (column 3 here) best for every 4th image: it then fills every place
+    got = SELECTIONS.get("eval_l2t")(scores, k, 3, threshold)
+    expected = [_public_greedy(row, k, 3, threshold) for row in scores.tolist()]
+    assert got.tolist() == expected
+    assert (got[::4] == 3).all()
+    if threshold == 0.0:  # without the fallback the picks up to identity are the top-k's
+        top = SELECTIONS.get("topk")(scores, k, 3, 0.0)
+        no_identity = ~(top == 3).any(1)
+        assert torch.equal(got[no_identity], top[no_identity])
+
+
+def test_eval_l2t_selection_by_hand() -> None:
+    scores = torch.tensor([[0.1, 0.5, 0.3, 0.05], [0.2, 0.25, 0.15, 0.4], [0.3, 0.32, 0.29, 0.09]])
+    pick = SELECTIONS.get("eval_l2t")
+    # identity is column 0; image 2 reaches it second, so it also takes the third place
+    assert pick(scores, 3, 0, 0.0).tolist() == [[1, 2, 0], [3, 1, 0], [1, 0, 0]]
+    # threshold 1.1: image 2's best (0.32) is under 1.1 x identity's 0.3, so identity in both places
+    assert pick(scores, 2, 0, 1.1).tolist() == [[1, 2], [3, 1], [0, 0]]
+    assert SELECTIONS.get("topk")(scores, 3, 0, 0.0).tolist() == [[1, 2, 0], [3, 1, 0], [1, 0, 2]]
+    with pytest.raises(ValueError, match="eval_l2t"):
+        SELECTIONS.get("topk")(scores, 2, 0, 0.5)
+    with pytest.raises(ValueError, match="identity"):
+        pick(scores, 2, -1, 0.0)
+
+
+def test_learned_eval_l2t_averages_identity_as_often_as_it_was_picked(
+    target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, _ = data
+    cands = build_candidates("all")
+    torch.manual_seed(3)
+    predictor = LossPredictor(num_outputs=24, width=4).eval()
+    method = build_method("learned", target, candidates=cands, k=3, predictor=predictor, selection="eval_l2t",
+                          threshold=10.0)  # every pick falls back: k identity views = no TTA
+    assert (method.selection(x) == identity_index(cands)).all()
+    torch.testing.assert_close(method.predict(x), predict_proba(target, x), atol=1e-6, rtol=1e-5)
+    assert method.forward_passes == build_method("learned", target, candidates=cands, k=3, predictor=predictor).forward_passes
+    with pytest.raises(ValueError, match="eval_l2t"):
+        build_method("learned", target, candidates=cands, k=3, predictor=predictor, threshold=0.5)
+    with pytest.raises(KeyError):
+        build_method("learned", target, candidates=cands, k=3, predictor=predictor, selection="nearest")
 
 
 def test_prior_uses_the_same_best_on_average_candidates_for_every_image(

@@ -190,6 +190,10 @@ class EvaluateParams(_Section):
         min_length=1
     )
     k: PositiveInt = 3  # views chosen by random / policy / learned / prior TTA
+    # learned: topk (k distinct views, the paper's text) | eval_l2t (the public script: identity, once
+    # picked, fills the remaining views; threshold: fall back to identity below threshold x its score)
+    selection: Literal["topk", "eval_l2t"] = "topk"
+    threshold: Annotated[float, Field(ge=0)] = 0.0
     baseline: str = "none"  # the method that mCE is relative to
     batch_size: PositiveInt = 512
     severities: list[Annotated[int, Field(ge=1, le=5)]] = Field(default=[1, 2, 3, 4, 5], min_length=1)
@@ -199,6 +203,15 @@ class EvaluateParams(_Section):
     def _baseline_in_methods(self) -> EvaluateParams:
         if self.baseline not in self.methods:
             raise ValueError(f"evaluate.baseline {self.baseline!r} must be one of evaluate.methods {self.methods}")
+        return self
+
+    @model_validator(mode="after")
+    def _threshold_needs_eval_l2t(self) -> EvaluateParams:
+        if self.threshold > 0 and self.selection != "eval_l2t":
+            raise ValueError(
+                f"evaluate.threshold {self.threshold} is the public script's fallback to identity; "
+                "it needs evaluate.selection: eval_l2t (or set threshold: 0)"
+            )
         return self
 
 

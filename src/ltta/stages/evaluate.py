@@ -103,6 +103,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             name: build_method(
                 name, target, candidates=candidates, k=e.k, predictor=predictor, prior=pextra.get("prior"), policy=policy,
                 generator=make_generator(params.seed, device), batch_size=e.batch_size, device=device,
+                selection=e.selection, threshold=e.threshold,
             )
             for name in e.methods
         }
@@ -116,6 +117,8 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             "test images": meta_data["n_test"] if e.max_images is None else min(e.max_images, meta_data["n_test"]),
             "candidates": len(candidates),
             "k": e.k,
+            **({"learned selection": f"{e.selection}" + (f" (threshold {e.threshold})" if e.threshold else "")}
+               if "learned" in methods else {}),
             **({"prior's candidates": ", ".join(methods["prior"].chosen_names)} if "prior" in methods else {}),
             "device": str(device),
             "date": _dt.date.today().isoformat(),

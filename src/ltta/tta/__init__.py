@@ -7,7 +7,7 @@
 - :mod:`~ltta.tta.sodeep`: SoDeep's sorter networks, their synthetic training, a cache of trained ones
 - :mod:`~ltta.tta.scoring`: running the predictor, the flip ensemble of its scores
 - :mod:`~ltta.tta.methods`: ``TTA_METHODS`` and ``build_method`` (none, flip, crops, random,
-  policy, learned, oracle)
+  policy, learned, prior, oracle), and ``SELECTIONS``, how ``learned`` picks its k views
 """
 
 from ltta.tta.candidates import (
@@ -23,7 +23,7 @@ from ltta.tta.candidates import (
     parse_candidate,
 )
 from ltta.tta.loss_dataset import candidate_losses, copies_per_image, predictor_training_inputs
-from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod, build_method, flops_per_image
+from ltta.tta.methods import SELECTIONS, TTA_METHODS, MethodContext, TTAMethod, build_method, flops_per_image
 from ltta.tta.ranking import (
     RANKERS,
     build_ranker,
@@ -40,6 +40,7 @@ __all__ = [
     "ACTIONS",
     "PAPER_ACTIONS",
     "RANKERS",
+    "SELECTIONS",
     "TTA_METHODS",
     "Action",
     "ActionFamily",

@@ -32,7 +32,7 @@ import ltta.transforms.functional as TF
 from ltta.registry import Registry
 from ltta.runtime import make_generator
 from ltta.training.target import predict_proba
-from ltta.tta.candidates import Candidate, build_candidates, grouped_views
+from ltta.tta.candidates import Candidate, build_candidates, grouped_views, identity_index
 from ltta.tta.scoring import eval_mode, flip_ensemble_probs, module_device
 
 
@@ -52,6 +52,8 @@ class MethodContext:
     amp: bool = True
     crop_margin: int = 4
     image_size: int = 32
+    selection: str = "topk"  # learned: how scores become k candidates (SELECTIONS)
+    threshold: float = 0.0  # learned, selection "eval_l2t": fall back to identity below threshold x its score
 
 
 class TTAMethod(ABC):
@@ -314,13 +316,54 @@ def flops_per_image(model: nn.Module, image_size: int) -> int:
     return cached[image_size]
 
 
+def select_topk(scores: torch.Tensor, k: int, identity: int, threshold: float) -> torch.Tensor:
+    """The k highest-scored candidates [N,k], best first: k distinct views, as the paper describes top-k."""
+    if threshold:
+        raise ValueError("selection 'topk' has no identity threshold; use selection 'eval_l2t' for threshold > 0")
+    return scores.topk(k, dim=1).indices
+
+
+def select_eval_l2t(scores: torch.Tensor, k: int, identity: int, threshold: float) -> torch.Tensor:
+    """kakaobrain/learning-loss-for-tta ``eval_l2t.py`` ``AugmentorLearned``: k greedy picks [N,k].
+
+    Each pick is the highest remaining score; it becomes identity when its score is below
+    ``threshold`` times identity's (``th``, 0 in the public code by default). A picked candidate
+    other than identity is removed from the pool, but identity never is: once identity is picked
+    (as the best remaining candidate, or by the fallback) every later pick is identity again. Views
+    are averaged with equal weight, so identity then counts k - j times. It differs from
+    :func:`select_topk` only when identity would be picked before the k-th place. Vectorised over
+    images; a loop over the k picks.
+    """
+    if identity < 0:
+        raise ValueError("selection 'eval_l2t' falls back to identity: the candidate set needs the 'identity' candidate")
+    pool = scores.clone()
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    picks = []
+    for _ in range(k):
+        best_score, best = pool.max(dim=1)
+        pick = torch.where(best_score < threshold * pool[:, identity], torch.full_like(best, identity), best)
+        removed = pick != identity
+        pool[rows[removed], pick[removed]] = 0.0  # the public code zeroes the picked softmax entry
+        picks.append(pick)
+    return torch.stack(picks, dim=1)
+
+
+#: How ``learned`` turns the predictor's flip-ensembled scores [N,C] into k candidates per image:
+#: ``fn(scores, k, identity column, threshold) -> indices [N,k]``.
+SELECTIONS: Registry[Callable[[torch.Tensor, int, int, float], torch.Tensor]] = Registry("learned selection")
+SELECTIONS.add("topk", select_topk)
+SELECTIONS.add("eval_l2t", select_eval_l2t)
+
+
 @TTA_METHODS.register("learned")
 class LearnedTTA(TTAMethod):
-    """The paper's method: the k candidates with the highest flip-ensembled predictor scores per image.
+    """The paper's method: k candidates per image from the flip-ensembled predictor scores.
 
-    eval_l2t.py ``AugmentorLearned`` (without its ``th`` fallback to identity, 0 by default):
-    greedy top-k of the averaged softmax, so k distinct candidates; the target's softmax over
-    the k views is averaged.
+    eval_l2t.py ``AugmentorLearned`` scores the image and its flip and averages the two softmaxes;
+    the target's softmax over the k chosen views is averaged. ``ctx.selection`` picks the k: by
+    default ``topk``, the k highest scores (distinct views, as the paper states it); ``eval_l2t``
+    follows the public script exactly (:func:`select_eval_l2t`: identity, once picked, fills
+    the remaining places, and ``ctx.threshold`` its fallback to identity).
     """
 
     name = "learned"
@@ -330,6 +373,11 @@ class LearnedTTA(TTAMethod):
         if ctx.predictor is None:
             raise ValueError("method 'learned' needs predictor= (a trained loss predictor)")
         _check_k_within_candidates(ctx)
+        self.select = SELECTIONS.get(ctx.selection)
+        if not ctx.threshold >= 0.0:
+            raise ValueError(f"threshold must be >= 0 (a multiple of identity's score), got {ctx.threshold}")
+        self.identity = identity_index(ctx.candidates) if any(c.is_identity for c in ctx.candidates) else -1
+        self.select(torch.zeros(1, len(ctx.candidates)), ctx.k, self.identity, ctx.threshold)  # bad settings fail here
         target_flops = flops_per_image(ctx.target, ctx.image_size)
         self.predictor_cost = flops_per_image(ctx.predictor, ctx.image_size) / max(target_flops, 1)
 
@@ -338,9 +386,9 @@ class LearnedTTA(TTAMethod):
         return self.ctx.k + 2.0 * self.predictor_cost
 
     def selection(self, x: torch.Tensor) -> torch.Tensor:
-        """The chosen candidate indices [N,k], best first."""
+        """The chosen candidate indices [N,k], in the order they were picked."""
         scores = flip_ensemble_probs(self.ctx.predictor, x, self.ctx.candidates, self.ctx.batch_size)
-        return scores.topk(self.ctx.k, dim=1).indices.to(x.device)
+        return self.select(scores, self.ctx.k, self.identity, self.ctx.threshold).to(x.device)
 
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self._average_selected(x, self.selection(x))
@@ -420,6 +468,8 @@ def build_method(
     amp: bool = True,
     crop_margin: int = 4,
     image_size: int = 32,
+    selection: str = "topk",
+    threshold: float = 0.0,
 ) -> TTAMethod:
     """Build the TTA method ``name`` around the frozen ``target``.
 
@@ -427,6 +477,7 @@ def build_method(
     ``prior``: per-candidate scores for ``prior`` (minus the mean training loss).
     ``generator`` (on ``device``) drives ``random`` and ``policy``; default: seed 0 there.
     ``device``: where views are made; default the target's.
+    ``selection`` / ``threshold``: how ``learned`` picks its k views (:data:`SELECTIONS`).
     """
     dev = torch.device(device) if device is not None else module_device(target)
     if candidates is None:
@@ -440,5 +491,6 @@ def build_method(
     ctx = MethodContext(
         target=target, candidates=cands, k=k, predictor=predictor, prior=prior_t, policy=policy, generator=generator,
         batch_size=batch_size, device=dev, amp=amp, crop_margin=crop_margin, image_size=image_size,
+        selection=selection, threshold=threshold,
     )
     return TTA_METHODS.get(name)(ctx)
