@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import platform
 import sys
 import time
@@ -47,7 +49,7 @@ from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import resolve_device  # noqa: E402
 from ltta.training.predictor import PredictorConfig, predictor_quality, prior_scores, train_predictor  # noqa: E402
-from ltta.tta import build_method, identity_index  # noqa: E402
+from ltta.tta import SELECTIONS, build_method, identity_index  # noqa: E402
 
 TRAIN_PROBE_ROWS = 2048  # training-table rows scored for the train-side rho (fixed, seed 0)
 
@@ -71,10 +73,15 @@ def parse_variant(text: str, base: PredictorConfig, width: int) -> tuple[str, Pr
     return name, dataclasses.replace(base, **changes), width
 
 
+def cache_key(args: argparse.Namespace) -> str:
+    """Names the target and loss tables a run builds (the same settings build the same, seeded)."""
+    overrides = "_".join(args.set).replace("/", "-")
+    return f"{Path(args.data).stem}_{args.arch}_{args.mode}_{args.epochs}ep_tf{args.test_fraction}{'_' + overrides if overrides else ''}"
+
+
 def load_or_build(args: argparse.Namespace, device: torch.device, data: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """The target and its loss tables, from ``--cache`` when a run with the same settings stored them."""
-    key = f"{Path(args.data).stem}_{args.arch}_{args.mode}_{args.epochs}ep_tf{args.test_fraction}"
-    path = args.cache / f"{key}.pt"
+    path = args.cache / f"{cache_key(args)}.pt"
     model = build_model(args.arch, num_classes=data["classes"]).to(device)
     if path.exists():
         blob = torch.load(path, map_location=device, weights_only=False)
@@ -91,6 +98,27 @@ def load_or_build(args: argparse.Namespace, device: torch.device, data: dict[str
     return model.eval(), tables, info
 
 
+def trained_predictor(
+    args: argparse.Namespace, device: torch.device, tables: dict[str, Any], cfg: PredictorConfig, width: int, ident: int
+) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
+    """(EMA predictor, history, training seconds), from ``--cache`` when this target and setting were trained."""
+    key = json.dumps({"target": cache_key(args), "width": width, **dataclasses.asdict(cfg)}, sort_keys=True)
+    path = args.cache / f"predictor_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    predictor = build_model("loss_predictor", num_outputs=len(tables["candidates"]), width=width)
+    if path.exists():
+        blob = torch.load(path, map_location=device, weights_only=False)
+        predictor.load_state_dict(blob["state"])
+        return predictor.to(device).eval(), blob["history"], blob["seconds"]
+    t0 = time.perf_counter()
+    pred, hist = train_predictor(predictor, tables["x_train"], tables["losses_train"], tables["x_valid"],
+                                 tables["losses_valid"], cfg, device=device, identity_index=ident, progress=False)
+    seconds = time.perf_counter() - t0
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state": pred.state_dict(), "history": hist, "seconds": seconds, "key": key}, tmp)
+    tmp.replace(path)
+    return pred, hist, seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help=".npz with x_train (uint8 NHWC 32x32) and y_train")
@@ -105,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["paper"], metavar="NAME[:KEY=VALUE,...]")
     ap.add_argument("--eval", action="store_true", help="also evaluate learned top-k on the held-out test part")
     ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--selections", nargs="+", default=["topk"], choices=SELECTIONS.names(),
+                    help="how learned picks its k views; each is evaluated (--eval)")
     ap.add_argument("--corruptions", nargs="+", default=list(BENCHMARK))
     ap.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     ap.add_argument("--device", default="auto")
@@ -135,26 +165,25 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "data": str(args.data), "arch": args.arch, "mode": args.mode,
         "epochs": args.epochs, "target": info, "k": args.k, "train_rows": int(tables["x_train"].shape[0]),
-        "valid_images": int(tables["x_valid"].shape[0]), "variants": {},
+        "valid_images": int(tables["x_valid"].shape[0]), "selections": args.selections, "variants": {},
     }  # fmt: skip
     if baseline is not None:
         report["baseline"] = baseline.summary(args.corruptions, [], "none")
     for name, cfg, width in variants:
-        predictor = build_model("loss_predictor", num_outputs=len(candidates), width=width)
-        t0 = time.perf_counter()
-        pred, hist = train_predictor(predictor, tables["x_train"], tables["losses_train"], tables["x_valid"],
-                                     tables["losses_valid"], cfg, device=device, identity_index=ident, progress=False)
+        pred, hist, seconds = trained_predictor(args, device, tables, cfg, width, ident)
         row: dict[str, Any] = {
-            "config": dataclasses.asdict(cfg), "width": width, "seconds": time.perf_counter() - t0,
+            "config": dataclasses.asdict(cfg), "width": width, "seconds": seconds,
             "valid": {k: v for k, v in hist[-1].items() if k.startswith("valid_")},
             "valid_rho_by_epoch": [h["valid_spearman_rho"] for h in hist],
             "train_probe": predictor_quality(pred, x_probe, l_probe, identity_index=ident, prior=prior),
         }  # fmt: skip
         if sets is not None and baseline is not None:
-            learned = build_method("learned", model, candidates=candidates, k=args.k, predictor=pred,
-                                   batch_size=1024, device=device)
-            both = EvalResults(baseline.records + evaluate_methods({"learned": learned}, sets, progress=False).records)
-            row["eval"] = both.summary(args.corruptions, [], "none")["learned"]
+            row["eval"] = {}
+            for selection in args.selections:
+                learned = build_method("learned", model, candidates=candidates, k=args.k, predictor=pred,
+                                       batch_size=1024, device=device, selection=selection)
+                both = EvalResults(baseline.records + evaluate_methods({"learned": learned}, sets, progress=False).records)
+                row["eval"][selection] = both.summary(args.corruptions, [], "none")["learned"]
         report["variants"][name] = row
         write_json(args.out_dir / "predictor_ablation.json", report)  # after each variant: a cut-off run keeps it
         v, t = row["valid"], row["train_probe"]
@@ -162,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 f" top-1 {v['valid_top1_agreement']:.3f} (prior {v['valid_prior_top1_agreement']:.3f})"
                 f" chosen loss {v['valid_chosen_loss']:.3f} (prior {v['valid_prior_loss']:.3f})"
                 f" | train rho {t['spearman_rho']:.3f} (prior {t['prior_rho']:.3f})")
-        if "eval" in row:
-            line += f" | learned clean {row['eval']['clean_error']:.2f} corr {row['eval']['mean_corruption_error']:.2f}"
+        for selection, e in row.get("eval", {}).items():
+            line += f" | learned ({selection}) clean {e['clean_error']:.2f} corr {e['mean_corruption_error']:.2f}"
         print(line, flush=True)
 
     write_markdown(args.out_dir / "predictor_ablation.md", report)
@@ -174,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
     """One row per variant: ranking quality on valid_loss and on the training table, and the TTA errors."""
     evaluated = "baseline" in report
+    selections = report.get("selections", []) if evaluated else []
     head = "| variant | changes | valid rho | train rho | valid top-1 | valid top-1 loss |"
     rule = "|---|---|---|---|---|---|"
-    if evaluated:
-        head += " clean | corr. |"
+    for selection in selections:
+        head += f" clean ({selection}) | corr. ({selection}) |"
         rule += "---|---|"
     lines = [f"# Loss predictor ablation: {report['arch']} target ({report['mode']}, {report['epochs']} epochs), "
              f"{report['train_rows']} training rows, {report['valid_images']} valid_loss images", "",
@@ -188,14 +218,13 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         v, t = first["valid"], first["train_probe"]
         row = (f"| prior (no predictor) | - | {v['valid_prior_rho']:.3f} | {t['prior_rho']:.3f} | "
                f"{v['valid_prior_top1_agreement']:.3f} | {v['valid_prior_loss']:.3f} |")
+        b = report.get("baseline", {})
+        lines.append(row + "".join(f" {b['prior']['clean_error']:.2f} | {b['prior']['mean_corruption_error']:.2f} |"
+                                   for _ in selections))
         if evaluated:
-            b = report["baseline"]["prior"]
-            row += f" {b['clean_error']:.2f} | {b['mean_corruption_error']:.2f} |"
-        lines.append(row)
-        if evaluated:
-            b = report["baseline"]["none"]
-            lines.append(f"| no TTA | - | - | - | - | {v['valid_identity_loss']:.3f} | {b['clean_error']:.2f} | "
-                         f"{b['mean_corruption_error']:.2f} |")
+            lines.append(f"| no TTA | - | - | - | - | {v['valid_identity_loss']:.3f} |"
+                         + "".join(f" {b['none']['clean_error']:.2f} | {b['none']['mean_corruption_error']:.2f} |"
+                                   for _ in selections))
     for name, r in report["variants"].items():
         changed = {k: val for k, val in r["config"].items() if getattr(defaults, k) != val and k not in ("epochs", "batch_size", "seed")}
         changes = ", ".join(f"{k}={val}" for k, val in changed.items()) or "-"
@@ -204,8 +233,9 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         v, t = r["valid"], r["train_probe"]
         row = (f"| {name} | {changes} | {v['valid_spearman_rho']:.3f} | {t['spearman_rho']:.3f} | "
                f"{v['valid_top1_agreement']:.3f} | {v['valid_chosen_loss']:.3f} |")
-        if evaluated and "eval" in r:
-            row += f" {r['eval']['clean_error']:.2f} | {r['eval']['mean_corruption_error']:.2f} |"
+        for selection in selections:
+            e = r.get("eval", {}).get(selection)
+            row += f" {e['clean_error']:.2f} | {e['mean_corruption_error']:.2f} |" if e else " - | - |"
         lines.append(row)
     path.write_text("\n".join(lines) + "\n")
 
