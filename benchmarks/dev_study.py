@@ -53,7 +53,7 @@ from ltta.stages.train_target import train_config  # noqa: E402
 from ltta.training.predictor import PredictorConfig, prior_scores, train_predictor  # noqa: E402
 from ltta.training.target import TRAIN_MODES, TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
 from ltta.transforms.policy import CompiledPolicy, load_policy  # noqa: E402
-from ltta.tta import build_candidates, build_method, candidate_losses, identity_index, predictor_training_inputs  # noqa: E402
+from ltta.tta import SELECTIONS, build_candidates, build_method, candidate_losses, identity_index, predictor_training_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,8 @@ def run_mode(
 
     names = [m for m in args.methods if m != "policy" or policy is not None]
     methods = {m: build_method(m, model, candidates=candidates, k=args.k, predictor=pred, prior=prior, policy=policy,
-                               generator=make_generator(2, device), batch_size=1024, device=device) for m in names}
+                               generator=make_generator(2, device), batch_size=1024, device=device,
+                               selection=args.selection) for m in names}
     t0 = time.perf_counter()
     results = evaluate_methods(methods, sets, batch_size=None, progress=False)
     synchronize(device)
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--predictor-epochs", type=int, default=30)
     ap.add_argument("--predictor-width", type=int, default=16)
     ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--selection", default="topk", choices=SELECTIONS.names(), help="how learned picks its k views")
     ap.add_argument("--corruptions", nargs="+", default=list(ALL_CORRUPTIONS),
                     help="corruptions evaluated (default: all 19; fewer for a quick smoke run)")
     ap.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])

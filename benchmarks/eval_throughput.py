@@ -7,8 +7,8 @@ noise, so no error rate here means anything. What is measured is the evaluation 
 ``--batch-size`` batch (bf16 autocast on CUDA, as ``predict_proba`` uses).
 
 Columns: images/s of the method; forward passes per image (the method's declared cost, in target
-passes: k views, plus the loss predictor's FLOPs over the target's for ``learned``, C for the
-oracle); and the ratio ``images/s x passes / ceiling``: 1.0 means the method runs the target as
+passes: k views, plus the loss predictor's FLOPs over the target's for ``learned``, k for
+``prior`` (a random fixed choice here), C for the oracle); and the ratio ``images/s x passes / ceiling``: 1.0 means the method runs the target as
 fast as the bare model does, the rest is overhead (making views, host syncs, small batches).
 
     python benchmarks/eval_throughput.py --device cpu --arch small_cnn --n 300
@@ -35,7 +35,7 @@ from ltta.runtime import make_generator, resolve_device, synchronize  # noqa: E4
 from ltta.tta import build_candidates, build_method  # noqa: E402
 
 NOTE = "random weights and random images: throughput only, the error rates are meaningless"
-METHODS = ("none", "flip", "five_crop", "random", "learned", "oracle")
+METHODS = ("none", "flip", "five_crop", "random", "learned", "prior", "oracle")
 
 
 def _forward_rate(model: torch.nn.Module, device: torch.device, batch: int, seconds: float) -> float:
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     candidates = build_candidates(args.candidates)
     predictor = build_model("loss_predictor", num_outputs=len(candidates), width=args.predictor_width).to(device).eval()
 
+    prior = torch.randn(len(candidates), generator=torch.Generator().manual_seed(3))  # any fixed top-k costs the same
     ceiling = inference_ceiling(target, device, args.batch_size, args.ceiling_seconds)
 
     gen = torch.Generator(device=device).manual_seed(1)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.sets + 1)
     ]
     methods = {
-        m: build_method(m, target, candidates=candidates, k=args.k, predictor=predictor,
+        m: build_method(m, target, candidates=candidates, k=args.k, predictor=predictor, prior=prior,
                         generator=make_generator(2, device), batch_size=args.batch_size, device=device)
         for m in args.methods
     }
