@@ -15,12 +15,14 @@ for each:
   (the 15 benchmark corruptions x 5 severities by default), beside no TTA and the prior.
 
 A variant is ``NAME:KEY=VALUE,KEY=VALUE`` over :class:`ltta.training.predictor.PredictorConfig`'s
-fields and ``width`` (the predictor's trunk width); unnamed keys keep the dev study's settings
+fields, ``width`` (the predictor's trunk width) and ``images`` (the share of train_loss images it
+is trained on, every copy of each: a learning curve); unnamed keys keep the dev study's settings
 (width 16, 30 epochs, 768 rows per step, the public code's objective, cutout and EMA). Needs what
 ``dev_study.py`` needs.
 
     python benchmarks/predictor_ablation.py --data cifar10_dev.npz --arch small_cnn --epochs 20 --eval \\
-        --variants paper no_cutout:cutout=0 small_batch:batch_size=128 spearman:objective=spearman,rank_temperature=0.1
+        --variants paper no_cutout:cutout=0 small_batch:batch_size=128 spearman:objective=spearman,rank_temperature=0.1 \
+        half:images=0.5 quarter:images=0.25
 """
 
 from __future__ import annotations
@@ -49,28 +51,57 @@ from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import resolve_device  # noqa: E402
 from ltta.training.predictor import PredictorConfig, predictor_quality, prior_scores, train_predictor  # noqa: E402
-from ltta.tta import SELECTIONS, build_method, identity_index  # noqa: E402
+from ltta.tta import SELECTIONS, build_method, copies_per_image, identity_index  # noqa: E402
 
 TRAIN_PROBE_ROWS = 2048  # training-table rows scored for the train-side rho (fixed, seed 0)
 
 
-def parse_variant(text: str, base: PredictorConfig, width: int) -> tuple[str, PredictorConfig, int]:
-    """``NAME[:KEY=VALUE,...]`` -> (name, config, width); values take the type of the field they set."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One predictor setting: its config, trunk width, and the share of train_loss images it sees."""
+
+    name: str
+    cfg: PredictorConfig
+    width: int
+    images: float = 1.0  # a fixed (seed 0) subset of the train_loss images, every copy of each
+
+    def changes(self) -> str:
+        defaults = PredictorConfig()
+        skip = ("epochs", "batch_size", "seed")
+        changed = [f"{k}={v}" for k, v in dataclasses.asdict(self.cfg).items() if k not in skip and getattr(defaults, k) != v]
+        head = [f"width={self.width}", f"epochs={self.cfg.epochs}", f"batch={self.cfg.batch_size}"]
+        return ", ".join(head + changed + ([f"images={self.images:g}"] if self.images != 1.0 else []))
+
+
+def parse_variant(text: str, base: PredictorConfig, width: int) -> Variant:
+    """``NAME[:KEY=VALUE,...]``: keys of PredictorConfig (values take the field's type), ``width`` and ``images``."""
     name, _, spec = text.partition(":")
     fields = {f.name: f for f in dataclasses.fields(PredictorConfig)}
     changes: dict[str, Any] = {}
+    images = 1.0
     for item in filter(None, spec.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"variant {text!r}: {item!r} is not KEY=VALUE")
         if key == "width":
             width = int(value)
-            continue
-        if key not in fields:
-            raise SystemExit(f"variant {text!r}: unknown key {key!r}; known: width, {', '.join(fields)}")
-        kind = type(getattr(base, key))
-        changes[key] = kind(value)
-    return name, dataclasses.replace(base, **changes), width
+        elif key == "images":
+            images = float(value)
+            if not 0.0 < images <= 1.0:
+                raise SystemExit(f"variant {text!r}: images is a share of the train_loss images, in (0, 1]")
+        elif key in fields:
+            changes[key] = type(getattr(base, key))(value)
+        else:
+            raise SystemExit(f"variant {text!r}: unknown key {key!r}; known: width, images, {', '.join(fields)}")
+    return Variant(name, dataclasses.replace(base, **changes), width, images)
+
+
+def kept_rows(n_rows: int, n_images: int, share: float, device: torch.device) -> torch.Tensor:
+    """Rows of the copy-major training table (row k*N + i is copy k of image i) for a share of its images."""
+    images = torch.randperm(n_images, generator=torch.Generator().manual_seed(0))[: max(1, round(share * n_images))]
+    keep = torch.zeros(n_images, dtype=torch.bool)
+    keep[images] = True
+    return torch.nonzero(keep.repeat(n_rows // n_images)).squeeze(1).to(device)
 
 
 def cache_key(args: argparse.Namespace) -> str:
@@ -99,19 +130,22 @@ def load_or_build(args: argparse.Namespace, device: torch.device, data: dict[str
 
 
 def trained_predictor(
-    args: argparse.Namespace, device: torch.device, tables: dict[str, Any], cfg: PredictorConfig, width: int, ident: int
+    args: argparse.Namespace, device: torch.device, x: torch.Tensor, losses: torch.Tensor, tables: dict[str, Any],
+    variant: Variant, ident: int,
 ) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
     """(EMA predictor, history, training seconds), from ``--cache`` when this target and setting were trained."""
-    key = json.dumps({"target": cache_key(args), "width": width, **dataclasses.asdict(cfg)}, sort_keys=True)
+    extra = {"images": variant.images} if variant.images != 1.0 else {}
+    key = json.dumps({"target": cache_key(args), "width": variant.width, **extra, **dataclasses.asdict(variant.cfg)},
+                     sort_keys=True)
     path = args.cache / f"predictor_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    predictor = build_model("loss_predictor", num_outputs=len(tables["candidates"]), width=width)
+    predictor = build_model("loss_predictor", num_outputs=len(tables["candidates"]), width=variant.width)
     if path.exists():
         blob = torch.load(path, map_location=device, weights_only=False)
         predictor.load_state_dict(blob["state"])
         return predictor.to(device).eval(), blob["history"], blob["seconds"]
     t0 = time.perf_counter()
-    pred, hist = train_predictor(predictor, tables["x_train"], tables["losses_train"], tables["x_valid"],
-                                 tables["losses_valid"], cfg, device=device, identity_index=ident, progress=False)
+    pred, hist = train_predictor(predictor, x, losses, tables["x_valid"], tables["losses_valid"], variant.cfg,
+                                 device=device, identity_index=ident, progress=False)
     seconds = time.perf_counter() - t0
     tmp = path.with_suffix(".tmp")
     torch.save({"state": pred.state_dict(), "history": hist, "seconds": seconds, "key": key}, tmp)
@@ -150,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     candidates = tables["candidates"]
     ident = identity_index(candidates)
     prior = prior_scores(tables["losses_train"])
-    probe = torch.randperm(tables["x_train"].shape[0], generator=torch.Generator().manual_seed(0))[:TRAIN_PROBE_ROWS]
-    x_probe, l_probe = tables["x_train"][probe.to(device)], tables["losses_train"][probe.to(device)]
+    n_rows = tables["x_train"].shape[0]
+    n_images = n_rows // copies_per_image(3, "both")  # build_loss_tables: 3 copies x 2 flips
+    probe_order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(0)).to(device)
 
     sets, baseline = None, None
     if args.eval:
@@ -169,13 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     if baseline is not None:
         report["baseline"] = baseline.summary(args.corruptions, [], "none")
-    for name, cfg, width in variants:
-        pred, hist, seconds = trained_predictor(args, device, tables, cfg, width, ident)
+    for variant in variants:
+        name = variant.name
+        rows = kept_rows(n_rows, n_images, variant.images, device)
+        x_fit, l_fit = tables["x_train"][rows], tables["losses_train"][rows]
+        pred, hist, seconds = trained_predictor(args, device, x_fit, l_fit, tables, variant, ident)
+        kept = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        kept[rows] = True
+        probe = probe_order[kept[probe_order]][:TRAIN_PROBE_ROWS]  # rows it was trained on
         row: dict[str, Any] = {
-            "config": dataclasses.asdict(cfg), "width": width, "seconds": seconds,
+            "config": dataclasses.asdict(variant.cfg), "width": variant.width, "images": variant.images,
+            "changes": variant.changes(), "train_rows": int(rows.numel()), "seconds": seconds,
             "valid": {k: v for k, v in hist[-1].items() if k.startswith("valid_")},
             "valid_rho_by_epoch": [h["valid_spearman_rho"] for h in hist],
-            "train_probe": predictor_quality(pred, x_probe, l_probe, identity_index=ident, prior=prior),
+            "train_probe": predictor_quality(pred, tables["x_train"][probe], tables["losses_train"][probe],
+                                             identity_index=ident, prior=prior_scores(l_fit)),
         }  # fmt: skip
         if sets is not None and baseline is not None:
             row["eval"] = {}
@@ -212,7 +255,6 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     lines = [f"# Loss predictor ablation: {report['arch']} target ({report['mode']}, {report['epochs']} epochs), "
              f"{report['train_rows']} training rows, {report['valid_images']} valid_loss images", "",
              f"{report['device']}, torch {report['torch']}, data {report['data']}, k = {report['k']}.", "", head, rule]
-    defaults = PredictorConfig()
     first = next(iter(report["variants"].values()), None)
     if first is not None:
         v, t = first["valid"], first["train_probe"]
@@ -226,12 +268,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
                          + "".join(f" {b['none']['clean_error']:.2f} | {b['none']['mean_corruption_error']:.2f} |"
                                    for _ in selections))
     for name, r in report["variants"].items():
-        changed = {k: val for k, val in r["config"].items() if getattr(defaults, k) != val and k not in ("epochs", "batch_size", "seed")}
-        changes = ", ".join(f"{k}={val}" for k, val in changed.items()) or "-"
-        changes = f"width={r['width']}, epochs={r['config']['epochs']}, batch={r['config']['batch_size']}" + (
-            f", {changes}" if changes != "-" else "")
         v, t = r["valid"], r["train_probe"]
-        row = (f"| {name} | {changes} | {v['valid_spearman_rho']:.3f} | {t['spearman_rho']:.3f} | "
+        row = (f"| {name} | {r['changes']} | {v['valid_spearman_rho']:.3f} | {t['spearman_rho']:.3f} | "
                f"{v['valid_top1_agreement']:.3f} | {v['valid_chosen_loss']:.3f} |")
         for selection in selections:
             e = r.get("eval", {}).get(selection)
