@@ -157,7 +157,7 @@ class SorterParams(_Section):
 class TrainPredictorParams(_Section):
     width: PositiveInt = 32
     epochs: PositiveInt = 20
-    batch_size: PositiveInt = 128
+    batch_size: PositiveInt = 128  # loss-dataset rows per step (the public code: 128 images x 6 = 768 rows)
     lr: Annotated[float, Field(gt=0.0)] = 0.01
     optimizer: Literal["rmsprop_tf", "adam", "sgd"] = "rmsprop_tf"
     weight_decay: Annotated[float, Field(ge=0.0)] = 1e-5
