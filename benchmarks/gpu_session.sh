@@ -74,7 +74,8 @@ part() {
     ablation)
         run ablation python benchmarks/predictor_ablation.py --data "$data" --arch wrn_40_2 --epochs 200 --compile \
             --eval --variants paper no_cutout:cutout=0 small_batch:batch_size=128 spearman:objective=spearman,rank_temperature=0.1 \
-            long:epochs=60 wide:width=32 --out-dir "$out/predictor_ablation" --cache /tmp/predictor_ablation_cache
+            both:batch_size=128,objective=spearman,rank_temperature=0.1 long:epochs=60 wide:width=32 \
+            half:images=0.5,batch_size=128,epochs=60 --out-dir "$out/predictor_ablation" --cache /tmp/predictor_ablation_cache
         ;;
     all)
         for p in deps train eval corrupt study-a study-b ablation; do part "$p"; done
