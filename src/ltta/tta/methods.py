@@ -330,9 +330,9 @@ def select_eval_l2t(scores: torch.Tensor, k: int, identity: int, threshold: floa
     ``threshold`` times identity's (``th``, 0 in the public code by default). A picked candidate
     other than identity is removed from the pool, but identity never is: once identity is picked
     (as the best remaining candidate, or by the fallback) every later pick is identity again. Views
-    are averaged with equal weight, so identity first picked at place j (from 1) counts k - j + 1 times. It differs from
-    :func:`select_topk` only when identity would be picked before the k-th place. Vectorised over
-    images; a loop over the k picks.
+    are averaged with equal weight, so identity first picked at place j (from 1) counts k - j + 1
+    times. It differs from :func:`select_topk` only when identity would be picked before the k-th
+    place. Vectorised over images; a loop over the k picks.
     """
     if identity < 0:
         raise ValueError("selection 'eval_l2t' falls back to identity: the candidate set needs the 'identity' candidate")
