@@ -51,6 +51,7 @@ from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import resolve_device  # noqa: E402
 from ltta.training.predictor import PredictorConfig, predictor_quality, prior_scores, train_predictor  # noqa: E402
+from ltta.training.target import TRAIN_MODES  # noqa: E402
 from ltta.tta import SELECTIONS, build_method, copies_per_image, identity_index  # noqa: E402
 
 TRAIN_PROBE_ROWS = 2048  # training-table rows scored for the train-side rho (fixed, seed 0)
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("predictor_ablation/cache"))
     ap.add_argument("--out-dir", type=Path, default=Path("predictor_ablation"))
     args = ap.parse_args(argv)
+    if TRAIN_MODES.get(args.mode).needs_extra_augment:
+        ap.error(f"mode {args.mode!r} trains with a searched policy; use dev_study.py --policy for it")
     base = PredictorConfig(epochs=args.predictor_epochs, batch_size=768, seed=0)
     variants = [parse_variant(v, base, args.predictor_width) for v in args.variants]
     device = resolve_device(args.device)
