@@ -56,6 +56,7 @@ from ltta.transforms.policy import CompiledPolicy, load_policy  # noqa: E402
 from ltta.tta import SELECTIONS, build_candidates, build_method, candidate_losses, identity_index, predictor_training_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+DUPLICATION = 3  # copies of each train_loss image in the predictor's inputs (the public num_duplication)
 
 
 def study_recipe(mode: str, args: argparse.Namespace) -> TrainConfig:
@@ -113,7 +114,7 @@ def build_loss_tables(model: torch.nn.Module, data: dict[str, Any], device: torc
     candidates = build_candidates("all")
     tl, vl = loss_predictor_split(data["y_tr_np"])
     gen = make_generator(1, device)
-    x_in = predictor_training_inputs(x_tr[tl], gen, duplication=3, p_aug=0.4, corruptions=list(BENCHMARK))
+    x_in = predictor_training_inputs(x_tr[tl], gen, duplication=DUPLICATION, p_aug=0.4, corruptions=list(BENCHMARK))
     y_in = y_tr[tl].repeat(x_in.shape[0] // len(tl))
     x_v = predictor_training_inputs(x_tr[vl], gen, duplication=1, p_aug=0.4, corruptions=list(BENCHMARK),
                                     deform=False, flips="none")

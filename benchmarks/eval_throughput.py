@@ -8,8 +8,9 @@ noise, so no error rate here means anything. What is measured is the evaluation 
 
 Columns: images/s of the method; forward passes per image (the method's declared cost, in target
 passes: k views, plus the loss predictor's FLOPs over the target's for ``learned``, k for
-``prior`` (a random fixed choice here), C for the oracle); and the ratio ``images/s x passes / ceiling``: 1.0 means the method runs the target as
-fast as the bare model does, the rest is overhead (making views, host syncs, small batches).
+``prior`` (a random fixed choice here), C for the oracle); and the ratio ``images/s x passes /
+ceiling``: 1.0 means the method runs the target as fast as the bare model does, the rest is
+overhead (making views, host syncs, small batches).
 
     python benchmarks/eval_throughput.py --device cpu --arch small_cnn --n 300
     python benchmarks/eval_throughput.py --device cuda --arch wrn_40_2 --n 623 --sets 24

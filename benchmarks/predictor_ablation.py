@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dev_study import build_loss_tables, eval_sets, load_sample, train_target  # noqa: E402
+from dev_study import DUPLICATION, build_loss_tables, eval_sets, load_sample, train_target  # noqa: E402
 
 from ltta.corruptions import BENCHMARK  # noqa: E402
 from ltta.evaluation import evaluate_methods  # noqa: E402
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ident = identity_index(candidates)
     prior = prior_scores(tables["losses_train"])
     n_rows = tables["x_train"].shape[0]
-    n_images = n_rows // copies_per_image(3, "both")  # build_loss_tables: 3 copies x 2 flips
+    n_images = n_rows // copies_per_image(DUPLICATION, "both")  # build_loss_tables' copies x 2 flips
     probe_order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(0)).to(device)
 
     sets, baseline = None, None

@@ -117,7 +117,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             "test images": meta_data["n_test"] if e.max_images is None else min(e.max_images, meta_data["n_test"]),
             "candidates": len(candidates),
             "k": e.k,
-            **({"learned selection": f"{e.selection}" + (f" (threshold {e.threshold})" if e.threshold else "")}
+            **({"learned selection": e.selection + (f" (threshold {e.threshold})" if e.threshold else "")}
                if "learned" in methods else {}),
             **({"prior's candidates": ", ".join(methods["prior"].chosen_names)} if "prior" in methods else {}),
             "device": str(device),

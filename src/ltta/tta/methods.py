@@ -32,7 +32,7 @@ import ltta.transforms.functional as TF
 from ltta.registry import Registry
 from ltta.runtime import make_generator
 from ltta.training.target import predict_proba
-from ltta.tta.candidates import Candidate, build_candidates, grouped_views, identity_index
+from ltta.tta.candidates import Candidate, build_candidates, grouped_views
 from ltta.tta.scoring import eval_mode, flip_ensemble_probs, module_device
 
 
@@ -376,7 +376,7 @@ class LearnedTTA(TTAMethod):
         self.select = SELECTIONS.get(ctx.selection)
         if not ctx.threshold >= 0.0:
             raise ValueError(f"threshold must be >= 0 (a multiple of identity's score), got {ctx.threshold}")
-        self.identity = identity_index(ctx.candidates) if any(c.is_identity for c in ctx.candidates) else -1
+        self.identity = next((i for i, c in enumerate(ctx.candidates) if c.is_identity), -1)  # -1: the set has none
         self.select(torch.zeros(1, len(ctx.candidates)), ctx.k, self.identity, ctx.threshold)  # bad settings fail here
         target_flops = flops_per_image(ctx.target, ctx.image_size)
         self.predictor_cost = flops_per_image(ctx.predictor, ctx.image_size) / max(target_flops, 1)
