@@ -622,7 +622,8 @@ def _versions() -> dict[str, str]:
 # ---------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that tests can check gpu_session.sh's invocations)."""
     root = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference-dir", required=True, help="checkout of hendrycks/robustness (or its ImageNet-C/create_c)")
@@ -649,7 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=None, help="JSON with every cell, the summary and the environment")
     p.add_argument("--markdown", default=None, help="also write the tables as markdown here")
-    return p.parse_args(argv)
+    return p
 
 
 def reference_timing(reference: Reference, images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
@@ -686,7 +687,7 @@ def reference_timing(reference: Reference, images: np.ndarray, args: argparse.Na
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     unknown = sorted(set(args.corruptions) - set(ALL_CORRUPTIONS))

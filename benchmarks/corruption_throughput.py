@@ -119,7 +119,8 @@ def format_table(rows: list[dict[str, Any]], ref: dict[str, float], total: dict[
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that tests can check gpu_session.sh's invocations)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--n", type=int, default=10000, help="images per (corruption, severity)")
@@ -131,11 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", default=str(DEFAULT_REFERENCE), help="corruption_reference.py JSON for the speed ratio")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/corruption_throughput_<device>.json)")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     unknown = sorted(set(args.corruptions) - set(ALL_CORRUPTIONS))
     if unknown:
         raise ValueError(f"unknown corruptions {unknown}; choose from {', '.join(ALL_CORRUPTIONS)}")

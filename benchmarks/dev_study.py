@@ -170,7 +170,8 @@ def run_mode(
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that tests can check gpu_session.sh's invocations)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help=".npz with x_train (uint8 NHWC 32x32) and y_train")
     ap.add_argument("--modes", nargs="+", default=["standard", "augmix"])
@@ -196,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="TTA methods evaluated ('policy' needs --policy; without 'learned' or 'prior' no predictor is trained)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out-dir", type=Path, default=Path("dev_study"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cuda":

@@ -69,7 +69,8 @@ def inference_ceiling(model: torch.nn.Module, device: torch.device, batch_size: 
     return max(_forward_rate(model, device, b, seconds / len(sizes)) for b in sizes)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that tests can check gpu_session.sh's invocations)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="small_cnn", help="target architecture (ltta.models), e.g. small_cnn, wrn_40_2")
     ap.add_argument("--depth", type=int, default=None, help="WRN depth for --arch wrn (e.g. 10 = one block per stage)")
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--ceiling-seconds", type=float, default=3.0)
     ap.add_argument("--out", type=Path, default=Path("benchmark_eval_throughput.json"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     device = resolve_device(args.device)

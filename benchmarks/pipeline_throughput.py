@@ -86,7 +86,8 @@ def ceilings(arch: str, num_classes: int, device: torch.device, batch: int, step
     return {"train_images_per_s": batch / t, "infer_images_per_s": batch / ti, "batch": batch}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that tests can check gpu_session.sh's invocations)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help=".npz with x_train (uint8 NHWC 32x32) and y_train")
     ap.add_argument("--arch", default="wrn_40_2")
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path("benchmark_pipeline.json"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     device = resolve_device(args.device)

@@ -154,7 +154,8 @@ def trained_predictor(
     return pred, hist, seconds
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that tests can check gpu_session.sh's invocations)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help=".npz with x_train (uint8 NHWC 32x32) and y_train")
     ap.add_argument("--mode", default="standard", help="the target's training mode (not policy: no policy is searched here)")
@@ -175,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cache", type=Path, default=Path("predictor_ablation/cache"))
     ap.add_argument("--out-dir", type=Path, default=Path("predictor_ablation"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if TRAIN_MODES.get(args.mode).needs_extra_augment:
         ap.error(f"mode {args.mode!r} trains with a searched policy; use dev_study.py --policy for it")

@@ -147,9 +147,10 @@ def get_sorter(args: argparse.Namespace, c: int) -> tuple[torch.nn.Module, dict[
     return sorter, {"file": str(path), "config": asdict(cfg), "synthetic_quality": quality}
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = PredictorConfig()
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that tests can check gpu_session.sh's invocations)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = PredictorConfig()
     ap.add_argument("--loss-data", type=Path, default=Path("data/loss"))
     ap.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="for meta.json (mean, std)")
     ap.add_argument("--rankers", nargs="+", default=RANKERS.names(), choices=RANKERS.names())
@@ -171,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sorter-valid-sequences", type=int, default=sd.valid_sequences)
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON file (default benchmarks/results/ranker_comparison_<device>_<objective>.json)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     meta = json.loads((args.loss_data / "meta.json").read_text())

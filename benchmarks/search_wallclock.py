@@ -104,7 +104,8 @@ def _worker(args: argparse.Namespace, storage: str, cache: str, key: str) -> Non
                       cache_key=key, wait=False)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that tests can check gpu_session.sh's invocations)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help=".npz with x_train (uint8 NHWC) and y_train")
     ap.add_argument("--n", type=int, default=4000, help="search images (FAA: 4,000 of CIFAR-10)")
@@ -125,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path("benchmark_search_wallclock.json"))
     ap.add_argument("--policy-out", type=Path, default=Path("faa_searched.json"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial would bury the table
     device = resolve_device(args.device)

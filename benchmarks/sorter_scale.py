@@ -65,7 +65,8 @@ def probe_sets(seq_len: int, n: int, spreads: list[float], seed: int) -> dict[st
     return sets
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that tests can check gpu_session.sh's invocations)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequences-per-epoch", type=int, nargs="+", default=[512, 2560],
                     help="one sorter per value; steps = epochs x value / batch (SoDeep: 360,000)")
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("models/sorters"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmark_sorter_scale.json"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -143,7 +143,8 @@ def measure(
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function of its own so that tests can check gpu_session.sh's invocations)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="+", default=["wrn_40_2"], help="architectures (ltta.models registry)")
     ap.add_argument("--modes", nargs="+", default=None, help="training modes (default: every registered mode)")
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ceiling-seconds", type=float, default=3.0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path("benchmark_train_throughput.json"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cuda":
