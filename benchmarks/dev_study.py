@@ -18,7 +18,10 @@ from ``conf/`` (``conf/study/<mode>.yaml``: standard SGD Nesterov lr 0.1 per-ste
 batch 128; augmix as google-research/augmix ``cifar.py``, cosine to 1e-6; policy as
 kakaobrain/fast-autoaugment's WRN-40-2 conf, wd 2e-4, 5-epoch warm-up, cutout 16; auxiliary with
 the reference's head settings), with ``--arch``, ``--epochs`` and ``--compile`` from the command
-line (the sample is small; a warm-up as long as the run is dropped).
+line (the sample is small; a warm-up as long as the run is dropped). The loss predictor is the
+profile's too (``train_predictor``: width 48, 60 epochs, 128 loss-dataset rows per step); ``--set``
+changes any of it, e.g. ``--set train_predictor.width=16 train_predictor.epochs=30
+train_predictor.batch_size=768``, the settings of the committed CPU runs before 2026-11-23.
 
 Needs torch, numpy, scikit-learn (the splits), tqdm, and hydra-core / pydantic for the recipes; no
 DVC / MLflow. Prints the tables and writes JSON and Markdown (``--out-dir``).
@@ -49,6 +52,7 @@ from ltta.evaluation.report import results_markdown  # noqa: E402
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import make_generator, resolve_device, to_float_nchw, synchronize  # noqa: E402
+from ltta.stages.train_predictor import predictor_config  # noqa: E402
 from ltta.stages.train_target import train_config  # noqa: E402
 from ltta.training.predictor import PredictorConfig, prior_scores, train_predictor  # noqa: E402
 from ltta.training.target import TRAIN_MODES, TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
@@ -65,6 +69,14 @@ def study_recipe(mode: str, args: argparse.Namespace) -> TrainConfig:
     cfg = train_config(params.train_target, seed=0)
     warmup = cfg.warmup_epochs if args.epochs > cfg.warmup_epochs else 0
     return dataclasses.replace(cfg, epochs=args.epochs, compile=args.compile, warmup_epochs=warmup)
+
+
+def predictor_recipe(args: argparse.Namespace) -> tuple[PredictorConfig, int]:
+    """The cifar10 profile's loss predictor with this run's ``--set``: (trainer settings, width)."""
+    tp = compose_params(ROOT / "conf", ["profile=cifar10", *args.set]).train_predictor
+    if tp.ranker == "sodeep":
+        raise SystemExit("dev_study.py trains no SoDeep sorter: use benchmarks/ranker_comparison.py for that ranker")
+    return predictor_config(tp, seed=0), tp.width
 
 
 def load_sample(path: Path, test_fraction: float, device: torch.device) -> dict[str, Any]:
@@ -128,7 +140,7 @@ def build_loss_tables(model: torch.nn.Module, data: dict[str, Any], device: torc
 
 def run_mode(
     mode: str, args: argparse.Namespace, device: torch.device, data: dict[str, Any], sets: list[EvalSet],
-    policy: Any,
+    policy: Any, predictor_settings: tuple[PredictorConfig, int],
 ) -> dict[str, Any]:
     model, t_train, clean_error, hist = train_target(mode, args, device, data, policy)
     candidates = build_candidates("all")
@@ -136,8 +148,8 @@ def run_mode(
     if {"learned", "prior"} & set(args.methods):  # the loss dataset and predictor, as the stages make them
         tables = build_loss_tables(model, data, device)
         candidates, t_loss = tables["candidates"], tables["seconds"]
-        predictor = build_model("loss_predictor", num_outputs=len(candidates), width=args.predictor_width)
-        pcfg = PredictorConfig(epochs=args.predictor_epochs, batch_size=args.predictor_batch_size, seed=0)
+        pcfg, width = predictor_settings
+        predictor = build_model("loss_predictor", num_outputs=len(candidates), width=width)
         t0 = time.perf_counter()
         pred, phist = train_predictor(predictor, tables["x_train"], tables["losses_train"], tables["x_valid"],
                                       tables["losses_valid"], pcfg, device=device,
@@ -180,14 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="overrides of the composed recipe, as `ltta params` takes them "
-                         "(e.g. train_target.aux_merge_start=1.0)")
+                    help="overrides of the composed recipes (target and predictor), as `ltta params` takes them "
+                         "(e.g. train_target.aux_merge_start=1.0 train_predictor.width=16)")
     ap.add_argument("--test-fraction", type=float, default=0.15)
-    ap.add_argument("--predictor-epochs", type=int, default=30)
-    ap.add_argument("--predictor-width", type=int, default=16)
-    ap.add_argument("--predictor-batch-size", type=int, default=768,
-                    help="loss-dataset rows per predictor step (768: the public code's 128 images x 6; "
-                         "predictor_ablation.py found 128 better on the dev sample)")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--selection", default="topk", choices=SELECTIONS.names(), help="how learned picks its k views")
     ap.add_argument("--corruptions", nargs="+", default=list(ALL_CORRUPTIONS),
@@ -210,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if TRAIN_MODES.get(mode).needs_extra_augment and args.policy is None:
             ap.error(f"mode {mode!r} trains with a policy: pass --policy PATH (a searched policy JSON)")
     policy = load_policy(args.policy) if args.policy is not None else None
+    predictor_settings = predictor_recipe(args)  # before any training: a bad --set stops the run here
 
     data = load_sample(args.data, args.test_fraction, device)
     tr, te = data["train_index"], data["test_index"]
@@ -218,16 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "arch": args.arch, "epochs": args.epochs, "n_train": len(tr), "n_test": len(te),
-        "policy": str(args.policy) if args.policy else None, "overrides": args.set, "modes": {},
+        "policy": str(args.policy) if args.policy else None, "overrides": args.set,
+        "predictor_config": {**dataclasses.asdict(predictor_settings[0]), "width": predictor_settings[1]}, "modes": {},
     }  # fmt: skip
     for mode in args.modes:
-        row = run_mode(mode, args, device, data, sets, policy)
+        row = run_mode(mode, args, device, data, sets, policy, predictor_settings)
         (args.out_dir / f"results_{mode}.md").write_text(row.pop("markdown"))
         report["modes"][mode] = row
         write_json(args.out_dir / "dev_study.json", report)  # after each mode: a cut-off run keeps what it did
 
     print(f"\n{report['device']} | torch {report['torch']} | {args.arch}, {args.epochs} epochs | "
           f"train {len(tr)} / test {len(te)} images")
+    pc = report["predictor_config"]
+    print(f"predictor: width {pc['width']}, {pc['epochs']} epochs, {pc['batch_size']} rows per step, "
+          f"{pc['objective']} / {pc['ranker']}, cutout {pc['cutout']:g}")
     print(f"{'mode':<11}{'method':<11}{'clean':>8}{'corr(15)':>10}{'extra(4)':>10}{'NLL':>7}{'ECE':>7}{'passes':>8}")
     for mode, row in report["modes"].items():
         for m, s in row["summary"].items():

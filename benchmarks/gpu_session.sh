@@ -13,7 +13,8 @@
 #                  auxiliary), eager and compiled, then the other architectures, standard, compiled (issue 5)
 #   eval     [~3]  benchmarks/eval_throughput.py at CIFAR-C's set size (10,000 images) (issue 6)
 #   corrupt  [~1]  benchmarks/corruption_throughput.py --device cuda, all 19 x 5 x 10,000 (issue 4)
-#   study-a  [~8]  benchmarks/dev_study.py, WRN-40-2, 200 epochs, standard + AugMix, every TTA method:
+#   study-a  [~9]  benchmarks/dev_study.py, WRN-40-2, 200 epochs, standard + AugMix, every TTA method, the
+#                  cifar10 profile's loss predictor (width 48, 60 epochs, 128 rows per step):
 #                  the paper's table on the dev sample (issues 5 and 6)
 #   study-b  [~8]  the same for the policy (searched on this split) and auxiliary targets (issue 5)
 #   ablation [~4]  benchmarks/predictor_ablation.py on the WRN-40-2 standard target of study-a: does the
@@ -87,5 +88,5 @@ part() {
     esac
 }
 
-[ $# -ge 1 ] || { sed -n '2,24p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,25p' "$0"; exit 2; }
 for p in "$@"; do part "$p"; done

@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from ltta.config import ParamsError
 from ltta.corruptions import ALL_CORRUPTIONS
 from ltta.models import MODELS
 from ltta.training.predictor import PredictorConfig
@@ -98,13 +99,15 @@ def test_dev_study_end_to_end(sample: Path, tmp_path: Path) -> None:
     methods = ["none", "flip", "policy", "learned", "prior", "oracle"]
     rc = load_script("dev_study").main([
         "--data", str(sample), "--arch", "small_cnn", "--epochs", "1", "--modes", "standard",
-        "--policy", str(POLICY), "--predictor-epochs", "1", "--predictor-width", "4", "--predictor-batch-size", "64",
+        "--policy", str(POLICY), "--set", "train_predictor.epochs=1", "train_predictor.width=4",
+        "train_predictor.batch_size=64",
         "--corruptions", "gaussian_noise", "fog", "--severities", "1", "--methods", *methods,
         "--device", "cpu", "--out-dir", str(out),
     ])  # fmt: skip
     assert rc == 0
     report = json.loads((out / "dev_study.json").read_text())
     assert set(report["modes"]) == {"standard"}
+    assert (report["predictor_config"]["width"], report["predictor_config"]["batch_size"]) == (4, 64)
     for mode, row in report["modes"].items():
         assert (out / f"results_{mode}.md").is_file()
         assert set(row["summary"]) == set(methods)
@@ -116,6 +119,15 @@ def test_dev_study_end_to_end(sample: Path, tmp_path: Path) -> None:
         # the oracle takes each image's lowest-loss view, so its NLL is at most any single view's (its
         # error need not be: a view can raise the true class's probability without making it the top one)
         assert row["summary"]["oracle"]["clean_nll"] <= row["summary"]["none"]["clean_nll"]
+
+
+def test_dev_study_refuses_bad_predictor_settings_before_training(sample: Path, tmp_path: Path) -> None:
+    study = load_script("dev_study")
+    with pytest.raises(SystemExit, match="SoDeep"):
+        study.main(["--data", str(sample), "--set", "train_predictor.ranker=sodeep", "--out-dir", str(tmp_path / "a")])
+    with pytest.raises(ParamsError, match="train_predictor.batch_size"):
+        study.main(["--data", str(sample), "--set", "train_predictor.batch_size=0", "--out-dir", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_predictor_ablation_end_to_end(sample: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ltta import tracking
-from ltta.config import Params
+from ltta.config import Params, TrainPredictorParams
 from ltta.io import load_npz, write_json
 from ltta.model_io import save_model_file
 from ltta.models import build_model
@@ -38,6 +38,16 @@ def _nchw_uint8(x: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
 
 
+def predictor_config(p: TrainPredictorParams, seed: int) -> PredictorConfig:
+    """The predictor trainer's settings from the ``train_predictor`` params: the one mapping, also
+    used by ``benchmarks/dev_study.py`` so that its predictor is the profile's."""
+    return PredictorConfig(
+        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, ema_decay=p.ema_decay,
+        tau=p.tau, rank_temperature=p.rank_temperature, objective=p.objective, ranker=p.ranker,
+        optimizer=p.optimizer, cutout=p.cutout, seed=seed,
+    )
+
+
 def run(params: Params, paths: Paths = Paths()) -> None:
     tp = params.train_predictor
     device = resolve_device(params.device)
@@ -48,11 +58,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     data_meta = json.loads((paths.prepared / "meta.json").read_text())
     names = loss_meta["candidates"]
     kwargs = {"num_outputs": len(names), "width": tp.width, "mean": tuple(data_meta["mean"]), "std": tuple(data_meta["std"])}
-    cfg = PredictorConfig(
-        epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, weight_decay=tp.weight_decay, ema_decay=tp.ema_decay,
-        tau=tp.tau, rank_temperature=tp.rank_temperature, objective=tp.objective, ranker=tp.ranker,
-        optimizer=tp.optimizer, cutout=tp.cutout, seed=params.seed,
-    )
+    cfg = predictor_config(tp, params.seed)
     sorter = load_or_train_sorter(params, len(names), paths, device)[0] if tp.ranker == "sodeep" else None
     with mlflow_stage(STAGE, params, ("train_predictor",)):
         predictor = build_model("loss_predictor", **kwargs)
