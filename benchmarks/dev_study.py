@@ -149,6 +149,7 @@ def run_mode(
         tables = build_loss_tables(model, data, device)
         candidates, t_loss = tables["candidates"], tables["seconds"]
         pcfg, width = predictor_settings
+        torch.manual_seed(pcfg.seed)  # initial weights from the predictor's seed, as the stage's seed_everything
         predictor = build_model("loss_predictor", num_outputs=len(candidates), width=width)
         t0 = time.perf_counter()
         pred, phist = train_predictor(predictor, tables["x_train"], tables["losses_train"], tables["x_valid"],

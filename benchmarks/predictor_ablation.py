@@ -71,7 +71,8 @@ class Variant:
         skip = ("epochs", "batch_size", "seed")
         changed = [f"{k}={v}" for k, v in dataclasses.asdict(self.cfg).items() if k not in skip and getattr(defaults, k) != v]
         head = [f"width={self.width}", f"epochs={self.cfg.epochs}", f"batch={self.cfg.batch_size}"]
-        return ", ".join(head + changed + ([f"images={self.images:g}"] if self.images != 1.0 else []))
+        tail = ([f"images={self.images:g}"] if self.images != 1.0 else []) + ([f"seed={self.cfg.seed}"] if self.cfg.seed else [])
+        return ", ".join(head + changed + tail)
 
 
 def parse_variant(text: str, base: PredictorConfig, width: int) -> Variant:
@@ -136,9 +137,10 @@ def trained_predictor(
 ) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
     """(EMA predictor, history, training seconds), from ``--cache`` when this target and setting were trained."""
     extra = {"images": variant.images} if variant.images != 1.0 else {}
-    key = json.dumps({"target": cache_key(args), "width": variant.width, **extra, **dataclasses.asdict(variant.cfg)},
-                     sort_keys=True)
+    key = json.dumps({"target": cache_key(args), "width": variant.width, **extra, **dataclasses.asdict(variant.cfg),
+                      "init": "seeded"}, sort_keys=True)  # "init": weights from the seed, not the run's history
     path = args.cache / f"predictor_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    torch.manual_seed(variant.cfg.seed)  # the initial weights depend on the variant's seed alone, not on the order
     predictor = build_model("loss_predictor", num_outputs=len(tables["candidates"]), width=variant.width)
     if path.exists():
         blob = torch.load(path, map_location=device, weights_only=False)
