@@ -2,7 +2,8 @@
 # The GPU measurements the open issues still need, as parts that each fit one 10-minute device call.
 #
 #   bash benchmarks/gpu_session.sh PART [PART ...]     # parts: deps train eval corrupt study-a study-b ablation
-#   bash benchmarks/gpu_session.sh all                 # every part in order (about 30 min on one H100)
+#   bash benchmarks/gpu_session.sh all                 # every part in order (about 33 min on one H100:
+#                                                      # more than one session's 30, so run parts by priority)
 #
 # Results go to $OUT (the device tool's return folder) or benchmarks/results/gpu_session/, one JSON
 # per part plus its log. Estimated H100 minutes per part are in brackets; the issue each answers after it.
@@ -17,8 +18,8 @@
 #                  cifar10 profile's loss predictor (width 48, 60 epochs, 128 rows per step):
 #                  the paper's table on the dev sample (issues 5 and 6)
 #   study-b  [~8]  the same for the policy (searched on this split) and auxiliary targets (issue 5)
-#   ablation [~4]  benchmarks/predictor_ablation.py on the WRN-40-2 standard target of study-a: does the
-#                  predictor beat the input-independent prior with other training settings? (issue 6)
+#   ablation [~5]  benchmarks/predictor_ablation.py on the WRN-40-2 standard target of study-a: does the
+#                  predictor beat the input-independent prior with other training settings, over seeds? (issue 6)
 #
 # Real CIFAR-10 is not here: neither the workstation nor the GPU box reaches its download site. The
 # clean-error run on it is `ltta params profile=cifar10 && dvc repro train_target` where it can be
@@ -76,7 +77,8 @@ part() {
         run ablation python benchmarks/predictor_ablation.py --data "$data" --arch wrn_40_2 --epochs 200 --compile \
             --eval --variants paper no_cutout:cutout=0 small_batch:batch_size=128 spearman:objective=spearman,rank_temperature=0.1 \
             both:batch_size=128,objective=spearman,rank_temperature=0.1 long:epochs=60 wide:width=32 \
-            half:images=0.5,batch_size=128,epochs=60 --out-dir "$out/predictor_ablation" --cache /tmp/predictor_ablation_cache
+            half:images=0.5,batch_size=128,epochs=60 paper_s1:seed=1 paper_s2:seed=2 small_batch_s1:batch_size=128,seed=1 \
+            small_batch_s2:batch_size=128,seed=2 --out-dir "$out/predictor_ablation" --cache /tmp/predictor_ablation_cache
         ;;
     all)
         for p in deps train eval corrupt study-a study-b ablation; do part "$p"; done
@@ -88,5 +90,5 @@ part() {
     esac
 }
 
-[ $# -ge 1 ] || { sed -n '2,25p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,26p' "$0"; exit 2; }
 for p in "$@"; do part "$p"; done
