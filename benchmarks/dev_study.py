@@ -22,6 +22,9 @@ line (the sample is small; a warm-up as long as the run is dropped). The loss pr
 profile's too (``train_predictor``: width 48, 60 epochs, 128 loss-dataset rows per step); ``--set``
 changes any of it, e.g. ``--set train_predictor.width=16 train_predictor.epochs=30
 train_predictor.batch_size=768``, the settings of the committed CPU runs before 2026-11-23.
+``--set seed=N`` trains both target and predictor from another seed (initial weights, data order,
+augmentation); the split, the predictor's inputs and the corrupted test sets stay fixed, so runs
+of several seeds compare like with like.
 
 Needs torch, numpy, scikit-learn (the splits), tqdm, and hydra-core / pydantic for the recipes; no
 DVC / MLflow. Prints the tables and writes JSON and Markdown (``--out-dir``).
@@ -66,17 +69,18 @@ DUPLICATION = 3  # copies of each train_loss image in the predictor's inputs (th
 def study_recipe(mode: str, args: argparse.Namespace) -> TrainConfig:
     """The cifar10 profile's trainer settings for ``study=<mode>``, at this run's length and compile."""
     params = compose_params(ROOT / "conf", ["profile=cifar10", f"study={mode}", *args.set])
-    cfg = train_config(params.train_target, seed=0)
+    cfg = train_config(params.train_target, seed=params.seed)
     warmup = cfg.warmup_epochs if args.epochs > cfg.warmup_epochs else 0
     return dataclasses.replace(cfg, epochs=args.epochs, compile=args.compile, warmup_epochs=warmup)
 
 
 def predictor_recipe(args: argparse.Namespace) -> tuple[PredictorConfig, int]:
     """The cifar10 profile's loss predictor with this run's ``--set``: (trainer settings, width)."""
-    tp = compose_params(ROOT / "conf", ["profile=cifar10", *args.set]).train_predictor
+    params = compose_params(ROOT / "conf", ["profile=cifar10", *args.set])
+    tp = params.train_predictor
     if tp.ranker == "sodeep":
         raise SystemExit("dev_study.py trains no SoDeep sorter: use benchmarks/ranker_comparison.py for that ranker")
-    return predictor_config(tp, seed=0), tp.width
+    return predictor_config(tp, seed=params.seed), tp.width
 
 
 def load_sample(path: Path, test_fraction: float, device: torch.device) -> dict[str, Any]:
@@ -104,9 +108,9 @@ def train_target(
     mode: str, args: argparse.Namespace, device: torch.device, data: dict[str, Any], policy: Any
 ) -> tuple[torch.nn.Module, float, float, list[dict[str, float]]]:
     """The ``mode`` target on the sample's training part: (model, seconds, clean test error, history)."""
-    torch.manual_seed(0)
-    model = build_model(args.arch, num_classes=data["classes"]).to(device)  # a mode attaches what it needs
     cfg = study_recipe(mode, args)
+    torch.manual_seed(cfg.seed)  # initial weights from the run's seed, as the stage's seed_everything
+    model = build_model(args.arch, num_classes=data["classes"]).to(device)  # a mode attaches what it needs
     extra = CompiledPolicy(policy, device) if TRAIN_MODES.get(mode).needs_extra_augment else None
     synchronize(device)
     t0 = time.perf_counter()

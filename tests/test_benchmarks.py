@@ -130,6 +130,14 @@ def test_dev_study_refuses_bad_predictor_settings_before_training(sample: Path, 
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_dev_study_seed_reaches_target_and_predictor(sample: Path) -> None:
+    study = load_script("dev_study")
+    for seed in (0, 3):
+        args = study.build_parser().parse_args(["--data", str(sample), "--set", f"seed={seed}"])
+        assert study.study_recipe("standard", args).seed == seed
+        assert study.predictor_recipe(args)[0].seed == seed
+
+
 def test_predictor_ablation_end_to_end(sample: Path, tmp_path: Path) -> None:
     out, cache = tmp_path / "ablation", tmp_path / "cache"
     argv = [
