@@ -75,6 +75,10 @@ def test_gpu_session_invocations_parse(tmp_path: Path) -> None:
             module.parse_variant(variant, PredictorConfig(), 16)  # raises on an unknown key or value
         if getattr(args, "policy", None) is not None:
             assert Path(args.policy).is_file(), (script, args.policy)
+        if script == "dev_study":  # its --set composes into both recipes: a bad key fails here, not after training
+            module.predictor_recipe(args)
+            for mode in args.modes:
+                module.study_recipe(mode, args)
 
 
 @pytest.fixture(scope="module")
