@@ -1,11 +1,12 @@
 """Does the loss predictor read the image? Its training settings, one at a time, against the prior.
 
-The dev study (``dev_study.py``) found that a fixed top-k, the k candidates with the lowest mean
-training loss for every image (TTA method ``prior``), beats the learned top-k on a real CIFAR
-sample. This script asks whether that is the method or our predictor's training: it trains the
-target and builds the loss dataset once (exactly as ``dev_study.py`` does, same splits and seeds,
-cached in ``--cache``), then trains one loss predictor per *variant* of the settings and reports,
-for each:
+The prior (TTA method ``prior``) is a fixed top-k: the k candidates with the lowest mean training
+loss, the same for every image. A learned top-k that does not beat it has learned nothing about the
+image. With the dev study's first CPU settings (``dev_study.py``, width 16, 768 rows per step) the
+prior won on a real CIFAR sample; this script asks which of the predictor's training settings
+decide that. It trains the target and builds the loss dataset once (exactly as ``dev_study.py``
+does, same splits and seeds, cached in ``--cache``), then trains one loss predictor per *variant*
+of the settings and reports, for each:
 
 - on valid_loss: Spearman rho of its scores against ``-loss``, top-1 agreement with the oracle and
   the mean loss of its top-1 pick, beside the same for the prior (``valid_prior_*``);
@@ -16,12 +17,15 @@ for each:
 
 A variant is ``NAME:KEY=VALUE,KEY=VALUE`` over :class:`ltta.training.predictor.PredictorConfig`'s
 fields, ``width`` (the predictor's trunk width) and ``images`` (the share of train_loss images it
-is trained on, every copy of each: a learning curve); unnamed keys keep the dev study's settings
-(width 16, 30 epochs, 768 rows per step, the public code's objective, cutout and EMA). Needs what
-``dev_study.py`` needs.
+is trained on, every copy of each: a learning curve). Unnamed keys keep this script's base setting,
+sized for a CPU: width ``--predictor-width`` (16), ``--predictor-epochs`` (30), the public code's
+768 rows per step, objective, cutout and EMA (``PredictorConfig``'s defaults). The pipeline's
+cifar10 profile trains wider and longer, at 128 rows per step. ``seed=N`` sets the initial weights,
+data order and cutout together, so a setting can be repeated over seeds. Needs what ``dev_study.py``
+needs.
 
     python benchmarks/predictor_ablation.py --data cifar10_dev.npz --arch small_cnn --epochs 20 --eval \\
-        --variants paper no_cutout:cutout=0 small_batch:batch_size=128 spearman:objective=spearman,rank_temperature=0.1 \
+        --variants paper no_cutout:cutout=0 small_batch:batch_size=128 spearman:objective=spearman,rank_temperature=0.1 \\
         half:images=0.5 quarter:images=0.25
 """
 

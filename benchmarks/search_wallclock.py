@@ -13,7 +13,7 @@ fold models train concurrently, and TPE's host-side sampling of one process over
 work of the others. The main process then joins as :func:`ltta.search.search_policy` and merges.
 
     python benchmarks/search_wallclock.py --data cifar10_dev.npz --device cuda --workers 5 --compile
-    python benchmarks/search_wallclock.py --data cifar10_dev.npz --device cpu --n 400 --trials 4 \
+    python benchmarks/search_wallclock.py --data cifar10_dev.npz --device cpu --n 400 --trials 4 \\
         --epochs 1 --folds 2 --arch small_cnn --repeats 1   # a smoke run
 
 Needs torch, numpy, scikit-learn-free ltta.search (optuna, sqlalchemy). Prints a table, writes the
