@@ -211,6 +211,23 @@ def test_summary_and_json(results: EvalResults) -> None:
     assert again.summary() == results.summary()
 
 
+def test_extra_corruptions_stay_out_of_the_benchmark_means() -> None:
+    """An extra (here speckle_noise, one of the release's 4) is reported apart: it moves no benchmark figure."""
+    sets = _sets() + [EvalSet("speckle_noise", 1, _images([1, 0, 0, 2]), Y)]  # all wrong
+    with_extra = evaluate_methods({"linear": ChannelMeanClassifier()}, sets, progress=False)
+    assert with_extra.default_groups() == (["gaussian_noise"], ["speckle_noise"])
+    base = evaluate_methods({"linear": ChannelMeanClassifier()}, _sets(), progress=False).summary(baseline_method="linear")
+    got = with_extra.summary(baseline_method="linear")["linear"]
+    assert got["extra_error"] == pytest.approx(100.0)
+    for key in ("mean_corruption_error", "mce_vs_baseline", "corruption_nll", "corruption_ece", "clean_error"):
+        assert got[key] == pytest.approx(base["linear"][key]), key
+    assert got["mean_corruption_error"] == pytest.approx(75.0)  # 87.5 had the extra been averaged in
+    doc = with_extra.to_json(baseline_method="linear")
+    assert doc["counts"]["benchmark_corruptions"] == 1 and doc["counts"]["extra_corruptions"] == 1
+    with pytest.raises(ValueError, match="unseen"):
+        with_extra.summary(unseen=["speckle_noise"])
+
+
 def _table_blocks(md: str) -> list[list[str]]:
     blocks, cur = [], []
     for line in md.splitlines():

@@ -130,6 +130,21 @@ def test_mirror_permutation_aligns_flipped_views() -> None:
     assert mirror_permutation(build_candidates("paper")).tolist() == [0, 2, 1, *range(3, 12)]
 
 
+def test_flip_ensemble_on_the_paper_set_swaps_only_the_rotations() -> None:
+    """The 12 flip-free actions: the mirror image's scores come back with r-20 and r20 swapped, as eval_l2t.py does."""
+    cands = build_candidates("paper")
+    torch.manual_seed(5)
+    predictor = LossPredictor(num_outputs=12, width=4).eval()
+    x = smooth_images(6, 8)
+    s = predictor(x).softmax(1)
+    s_flip = predictor(x.flip(-1)).softmax(1)
+    s_flip[:, [1, 2]] = s_flip[:, [2, 1]]  # rotate:-20 <-> rotate:20 (the set's order: identity, r-20, r20, ...)
+    assert [c.name for c in cands[1:3]] == ["rotate:-20", "rotate:20"]
+    torch.testing.assert_close(flip_ensemble_probs(predictor, x, cands), (s + s_flip) / 2, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="outputs"):
+        flip_ensemble_probs(predictor, x, build_candidates("all"))
+
+
 # ---------------------------------------------------------------- loss dataset
 
 
@@ -193,9 +208,11 @@ def test_none_flip_and_crops_equal_manual_averages(target: SmallCNN, data: tuple
     padded = TF.mirror_pad(x, 2)
     corners = [padded[..., :32, :32], padded[..., :32, 4:], padded[..., 4:, :32], padded[..., 4:, 4:], x]
     five = sum(p(v) for v in corners) / 5
-    torch.testing.assert_close(build_method("five_crop", target).predict(x), five)
+    five_crop, ten_crop = build_method("five_crop", target), build_method("ten_crop", target)
+    assert (five_crop.forward_passes, ten_crop.forward_passes) == (5, 10)
+    torch.testing.assert_close(five_crop.predict(x), five)
     ten = (five * 5 + sum(p(v.flip(-1)) for v in corners)) / 10
-    torch.testing.assert_close(build_method("ten_crop", target).predict(x), ten)
+    torch.testing.assert_close(ten_crop.predict(x), ten)
 
 
 def test_oracle_is_never_worse_than_any_candidate(target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -209,6 +226,8 @@ def test_oracle_is_never_worse_than_any_candidate(target: SmallCNN, data: tuple[
     torch.testing.assert_close(nll, losses.min(1).values, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="labels"):
         oracle.predict(x)
+    with pytest.raises(ValueError, match="exceeds"):  # refused when built, before any work
+        build_method("oracle", target, candidates=cands, k=25)
 
 
 def test_learned_selection_and_full_k(target: SmallCNN, data: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -127,21 +127,27 @@ class TTAMethod(ABC):
     def _average_selected(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
         """Mean of the target's softmax over the candidates ``sel`` [N,k] of each image.
 
-        The N x k views are sorted by candidate (stable, so each image's views stay in
-        candidate order as before), made by :func:`grouped_views` and scored in full batches;
-        a candidate chosen twice for one image (``random`` draws with replacement) is scored twice.
+        The N x k views are sorted by candidate (stable), made by :func:`grouped_views` and scored
+        in full batches; a candidate chosen twice for one image (``random`` draws with
+        replacement) is scored twice. Each batch's rows are put back in ``sel``'s layout (unique
+        indices) and the k views are summed in slot order, so the result is deterministic on CUDA
+        too (an ``index_add_`` accumulation is not).
         """
         n, k = sel.shape
         flat = sel.reshape(-1)
-        order = torch.sort(flat, stable=True).indices
-        image_index = order // k  # image of each view, views grouped by candidate
+        order = torch.sort(flat, stable=True).indices  # flat slot of each view, views grouped by candidate
+        image_index = order // k
         sizes = torch.bincount(flat, minlength=len(self.ctx.candidates)).tolist()  # the chunk's one host sync
-        acc: torch.Tensor | None = None
+        per_slot: torch.Tensor | None = None
         for first, probs in self._scored_rows(x, image_index, sizes):
-            if acc is None:
-                acc = torch.zeros(n, probs.shape[1], device=probs.device)
-            acc.index_add_(0, image_index[first : first + probs.shape[0]].to(probs.device), probs)
-        assert acc is not None
+            if per_slot is None:
+                per_slot = torch.empty(n * k, probs.shape[1], device=probs.device)
+            per_slot[order[first : first + probs.shape[0]].to(probs.device)] = probs
+        assert per_slot is not None
+        slots = per_slot.view(n, k, -1)
+        acc = slots[:, 0]
+        for j in range(1, k):
+            acc = acc + slots[:, j]
         return acc / k
 
     def _all_candidate_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -438,13 +444,16 @@ class OracleTTA(TTAMethod):
     name = "oracle"
     needs_labels = True
 
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        _check_k_within_candidates(ctx)  # at build time, not after the first chunk's work
+
     @property
     def forward_passes(self) -> float:
         return float(len(self.ctx.candidates))
 
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         assert y is not None
-        _check_k_within_candidates(self.ctx)
         probs = self._all_candidate_probs(x)  # [N,C,K]
         yd = y.to(probs.device).long()
         p_true = probs.gather(2, yd[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(2)  # [N,C]

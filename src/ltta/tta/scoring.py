@@ -1,8 +1,14 @@
 """Running the loss predictor: its scores for a batch, and the public code's flip ensemble of them.
 
 kakaobrain/learning-loss-for-tta ``eval_l2t.py`` (``AugmentorLearned``): the predictor scores
-the image and its mirror image, each through a softmax; the mirror image's scores are put back
+the image and its flipped image, each through a softmax; the flipped image's scores are put back
 in the original's candidate order (there: r-20 and r20 swapped) and the two are averaged.
+
+One deliberate deviation: the public code flips with ``torch.flip(img, (1,))`` on a single
+C x H x W tensor, which reverses the rows (a vertical flip), though the paper speaks of the
+image's flip and its r-20/r20 swap holds for either mirror. We use the horizontal mirror: it is
+the symmetry the targets are trained with (random horizontal flips), so its scores are in
+distribution, and for candidate sets with flips :func:`mirror_permutation` aligns them exactly.
 """
 
 from __future__ import annotations
