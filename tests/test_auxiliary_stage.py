@@ -39,7 +39,8 @@ def test_train_target_stage_in_auxiliary_mode_writes_a_plain_target(
     # prepare_data's outputs, written directly from the real digits (that stage has its own tests).
     save_npz(paths.prepared / "train.npz", x=to_uint8_nhwc(digits[0][:64]), y=digits[1][:64].numpy())
     save_npz(paths.prepared / "test.npz", x=to_uint8_nhwc(digits[2][:32]), y=digits[3][:32].numpy())
-    write_json(paths.prepared / "meta.json", {"classes": [str(i) for i in range(10)], "num_classes": 10,
+    write_json(paths.prepared / "meta.json", {"source": "digits", "classes": [str(i) for i in range(10)],
+                                              "num_classes": 10, "image_size": 32, "n_test": 32,
                                               "mean": [0.3, 0.3, 0.3], "std": [0.3, 0.3, 0.3]})  # fmt: skip
     raw = tiny_params(train_target={"mode": "auxiliary", "epochs": 1, "batch_size": 32, "width": 4,
                                     "aux_families": ["noise", "rotate"]})  # fmt: skip

@@ -292,6 +292,8 @@ def test_train_predictor_errors() -> None:
         broken.fc.weight.fill_(float("nan"))
     with pytest.raises(RuntimeError, match="diverged"):
         train_predictor(broken, x, losses, x, losses, cfg, device="cpu", progress=False)
+    with pytest.raises(RuntimeError, match="collapsed at epoch 1: Spearman's rho is undefined"):
+        train_predictor(LossPredictor(C, width=2), x, losses, x, torch.ones_like(losses), cfg, device="cpu", progress=False)
     with pytest.raises(ValueError, match="objective"):
         PredictorConfig(objective="mse")
 

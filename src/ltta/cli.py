@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="ltta",
         description="Learned test-time augmentation pipeline (Kim et al., NeurIPS 2020). "
         "Stages are normally run by `dvc repro`; each can also be run alone.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", default=os.environ.get("LTTA_DEBUG", "") not in ("", "0"),
+        help="print the traceback of an unexpected error (also LTTA_DEBUG=1, e.g. under dvc repro)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_module, help_text) in STAGE_COMMANDS.items():
@@ -102,6 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: {args.command} (rerun resumes from its last checkpoint where it has one)", file=sys.stderr)
         return 130
+    except Exception as exc:  # not one of ours: still one line, the traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {args.command}: unexpected {type(exc).__name__}: {exc}"
+              + ("" if args.debug else " (LTTA_DEBUG=1 or `ltta --debug` prints the traceback)"), file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ never caches a truncated output.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -17,12 +18,36 @@ from typing import Any
 import numpy as np
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _sweep_stale_temps(final: Path) -> None:
+    """Remove temporaries of ``final`` left by killed writers (their pid, in the name, is gone).
+
+    A SIGKILL skips the ``finally`` below, so without this every killed run would leave a
+    ``.name.<pid>.<random>.tmp`` beside its output for good. Live writers' files are kept.
+    """
+    prefix = f".{final.name}."
+    for stale in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = stale.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    _sweep_stale_temps(final)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)
@@ -38,9 +63,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented JSON, atomically; NaN or inf is refused (it is not JSON, and DVC cannot diff it)."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    except ValueError as exc:  # NaN / inf: a diverged or degenerate result reached the output
+        raise ValueError(f"not writing {path}: {exc} (a metric is NaN or infinite)") from exc
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -109,6 +138,34 @@ def load_npz(path: str | os.PathLike[str], required: tuple[str, ...] = ()) -> di
     if missing:
         raise ValueError(f"{p} lacks arrays {missing} (has {sorted(arrays)}); rerun its stage.")
     return arrays
+
+
+def read_json(path: str | os.PathLike[str], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a JSON object this project wrote, naming the file and the fix when it is missing or broken."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist: run the stage that produces it (dvc repro).")
+    try:
+        obj = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{p} is not readable JSON ({exc}); delete it and rerun its stage.") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{p} must hold a JSON object, has {type(obj).__name__}; delete it and rerun its stage.")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise ValueError(f"{p} lacks keys {missing} (has {sorted(obj)}); rerun its stage.")
+    return obj
+
+
+def open_npy(path: str | os.PathLike[str], *, redo: str) -> np.ndarray:
+    """Memory-map an ``.npy`` file; a truncated or foreign file is refused naming it and ``redo``."""
+    p = Path(path)
+    try:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # ValueError (mmap length, header), OSError, EOFError ...
+        raise ValueError(f"{p} is not a readable .npy ({exc}); delete it and {redo}.") from exc
 
 
 @contextlib.contextmanager

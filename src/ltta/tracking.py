@@ -80,6 +80,21 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def open_experiment(uri: str, experiment: str) -> None:
+    """``mlflow.set_experiment``, with a database store that cannot be read named, and the fix."""
+    import mlflow
+    from sqlalchemy.exc import DatabaseError
+
+    try:
+        mlflow.set_experiment(experiment)
+    except DatabaseError as exc:
+        first = str(exc.orig if exc.orig is not None else exc).splitlines()[0]
+        raise RuntimeError(
+            f"the MLflow store {uri} cannot be read ({first}). Move the damaged database aside (a new one is "
+            "created), or point MLFLOW_TRACKING_URI at another store."
+        ) from exc
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
     """Open an MLflow run for one DVC stage (nested under the pipeline's run when there is one)."""
@@ -88,7 +103,7 @@ def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str, tags: M
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
+    open_experiment(uri, experiment)
     parent = os.environ.get(PARENT_RUN_ENV)
     all_tags = {
         "ltta.stage": stage,

@@ -18,7 +18,7 @@ from ltta.corruptions.apply import corrupt_images, derive_seed
 from ltta.corruptions.base import CORRUPTIONS
 from ltta.corruptions.names import ALL_CORRUPTIONS
 from ltta.corruptions.severity import SEVERITIES, check_severity
-from ltta.io import save_npy
+from ltta.io import open_npy, save_npy
 
 LABELS_FILE = "labels.npy"
 N_SEVERITIES = len(SEVERITIES)
@@ -104,8 +104,9 @@ def read_corruption(directory: Path, name: str, severity: int | None = None) -> 
     label_path = directory / LABELS_FILE
     if not label_path.is_file():
         raise FileNotFoundError(f"{label_path} does not exist; every corruption directory needs the labels file")
-    images = np.load(path, mmap_mode="r")
-    labels = np.load(label_path, mmap_mode="r")
+    redo = "regenerate it (the prepare_data stage) or unpack the official release again"
+    images = open_npy(path, redo=redo)
+    labels = open_npy(label_path, redo=redo)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"{path} must hold uint8 [5N,H,W,3] images, has {images.dtype} {images.shape}; regenerate it")
     if images.shape[0] % N_SEVERITIES:

@@ -28,7 +28,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
 
 DEFAULT_HEARTBEAT_S = 10  # a running trial beats every 10 s ...
 DEFAULT_GRACE_S = 60  # ... and counts as dead (its worker killed) after 60 s without a beat
@@ -96,14 +96,26 @@ def make_storage(
         try:
             storage = create()
             break
-        except (OperationalError, IntegrityError):
+        except (OperationalError, IntegrityError) as exc:
             if attempt == attempts:
-                raise
+                raise _unusable(url, exc) from exc
             time.sleep(0.2 * attempt)  # two workers creating the tables at once: "table already exists"
+        except (DatabaseError, ArgumentError, NoSuchModuleError, ImportError) as exc:  # a foreign file, a bad URL
+            raise _unusable(url, exc) from exc
     if db is not None and wal:
         event.listen(storage.engine, "connect", _sqlite_wal)
         storage.engine.dispose()  # reopen the pooled connections with the pragmas
     return storage
+
+
+def _unusable(url: str, exc: Exception) -> ValueError:
+    """The storage's error in one line, with the URL and the fix (the params key that sets it)."""
+    cause = getattr(exc, "orig", None) or exc
+    first = (str(cause).splitlines() or [""])[0]
+    return ValueError(
+        f"search storage {url!r} cannot be used ({type(cause).__name__}: {first}); point search_policy.storage "
+        "at a new database file (or delete a damaged one, losing its trials), or install the database's driver"
+    )
 
 
 def _sqlite_wal(dbapi_connection, _record) -> None:  # noqa: ANN001 - SQLAlchemy's DBAPI connection

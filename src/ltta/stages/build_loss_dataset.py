@@ -16,10 +16,11 @@ from tqdm import tqdm
 
 from ltta import tracking
 from ltta.config import Params
-from ltta.io import atomic_dir, load_npz, save_npz, write_json
+from ltta.io import atomic_dir, save_npz, write_json
 from ltta.model_io import load_model_file
 from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw, to_uint8_nhwc
 from ltta.stages.base import Paths, mlflow_stage
+from ltta.stages.inputs import labelled_images, prepared_meta, split_indices
 from ltta.tta import Candidate, build_candidates, candidate_losses, identity_index, predictor_training_inputs
 
 STAGE = "build_loss_dataset"
@@ -78,8 +79,9 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     ld = params.loss_dataset
     device = resolve_device(params.device)
     seed_everything(params.seed)
-    train = load_npz(paths.prepared / "train.npz", required=("x", "y"))
-    splits = load_npz(paths.prepared / "splits.npz", required=("train_loss", "valid_loss"))
+    meta = prepared_meta(paths)
+    x_train, y_train = labelled_images(paths.prepared / "train.npz", meta)
+    splits = split_indices(paths.prepared / "splits.npz", len(y_train))
     target, _ = load_model_file(paths.target, device)
     candidates = build_candidates(ld.candidates)
     ident = identity_index(candidates)
@@ -91,7 +93,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         for i, (name, deform, dup, flips) in enumerate(plan):
             idx = splits[f"{name}_loss"]
             built[name] = build_split(
-                target, train["x"][idx], train["y"][idx], candidates, deform=deform, duplication=dup, flips=flips,
+                target, x_train[idx], y_train[idx], candidates, deform=deform, duplication=dup, flips=flips,
                 params=params, device=device, seed=params.seed + 1000 * (i + 1), desc=f"loss dataset ({name})",
             )
         with atomic_dir(paths.loss_data) as out:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -22,10 +21,11 @@ from ltta.config import Params
 from ltta.corruptions import BENCHMARK, read_corruption
 from ltta.data import subsample_stratified
 from ltta.evaluation import CLEAN, EvalSet, evaluate_methods, results_markdown, severity_plot_rows, write_plots
-from ltta.io import atomic_dir, atomic_path, load_npz, write_json, write_text
+from ltta.io import atomic_dir, atomic_path, write_json, write_text
 from ltta.model_io import load_model_file
 from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw
 from ltta.stages.base import Paths, mlflow_stage
+from ltta.stages.inputs import labelled_images, prepared_meta
 from ltta.transforms.policy import load_policy
 from ltta.tta import build_candidates, build_method
 
@@ -43,11 +43,11 @@ def _loader(paths: Paths, name: str, severity: int, idx: Any, device: torch.devi
 def eval_sets(paths: Paths, params: Params, device: torch.device) -> list[EvalSet]:
     """The clean set plus every corruption present in ``data/corrupted/test`` at the chosen severities."""
     e = params.evaluate
-    test = load_npz(paths.prepared / "test.npz", required=("x", "y"))
+    x_test, y_test = labelled_images(paths.prepared / "test.npz", prepared_meta(paths))
     idx = None
-    if e.max_images is not None and e.max_images < len(test["y"]):
-        idx = subsample_stratified(test["y"], e.max_images, params.seed)
-    x_clean, y_clean = (test["x"][idx], test["y"][idx]) if idx is not None else (test["x"], test["y"])
+    if e.max_images is not None and e.max_images < len(y_test):
+        idx = subsample_stratified(y_test, e.max_images, params.seed)
+    x_clean, y_clean = (x_test[idx], y_test[idx]) if idx is not None else (x_test, y_test)
     sets = [EvalSet(CLEAN, 0, to_float_nchw(x_clean, device), torch.as_tensor(y_clean, device=device))]
     labels_path = paths.corrupted / "labels.npy"
     if not labels_path.exists():
@@ -96,7 +96,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         )
     candidates = build_candidates(pextra.get("candidates", params.loss_dataset.candidates))
     policy = load_policy(paths.policy) if "policy" in e.methods else None
-    meta_data = json.loads((paths.prepared / "meta.json").read_text())
+    meta_data = prepared_meta(paths)
 
     with mlflow_stage(STAGE, params, ("evaluate",)):
         methods = {

@@ -25,11 +25,12 @@ import torch
 from ltta import tracking
 from ltta.config import Params
 from ltta.data import subsample_stratified
-from ltta.io import atomic_path, load_npz, save_figure, write_json
+from ltta.io import atomic_path, save_figure, write_json
 from ltta.models import build_model
 from ltta.runtime import resolve_device, seed_everything, to_float_nchw
 from ltta.search import SearchSpec, default_model_cache, run_search_worker, search_policy
 from ltta.stages.base import Paths, mlflow_stage
+from ltta.stages.inputs import labelled_images, prepared_meta
 from ltta.stages.train_target import model_kwargs
 from ltta.training.target import TrainConfig, train_classifier
 from ltta.transforms.policy import save_policy
@@ -80,9 +81,8 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
                          "(e.g. sqlite:///policies/faa_search.db) in params.yaml")
     device = resolve_device(params.device)
     seed_everything(params.seed)
-    train = load_npz(paths.prepared / "train.npz", required=("x", "y"))
-    meta = json.loads((paths.prepared / "meta.json").read_text())
-    x_np, y_np = train["x"], train["y"]
+    meta = prepared_meta(paths)
+    x_np, y_np = labelled_images(paths.prepared / "train.npz", meta)
     if s.max_images is not None and s.max_images < len(y_np):
         idx = subsample_stratified(y_np, s.max_images, params.seed)
         x_np, y_np = x_np[idx], y_np[idx]

@@ -9,18 +9,18 @@ there first when missing (:mod:`ltta.stages.train_sorter`).
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import torch
 
 from ltta import tracking
 from ltta.config import Params, TrainPredictorParams
-from ltta.io import load_npz, write_json
+from ltta.io import write_json
 from ltta.model_io import save_model_file
 from ltta.models import build_model
 from ltta.runtime import resolve_device, seed_everything
 from ltta.stages.base import Paths, mlflow_stage
+from ltta.stages.inputs import loss_meta, loss_split, prepared_meta
 from ltta.stages.train_sorter import load_or_train_sorter
 from ltta.stages.train_target import write_curve
 from ltta.training.predictor import PredictorConfig, prior_scores, train_predictor
@@ -52,23 +52,24 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     tp = params.train_predictor
     device = resolve_device(params.device)
     seed_everything(params.seed)
-    train = load_npz(paths.loss_data / "train.npz", required=("x", "losses"))
-    valid = load_npz(paths.loss_data / "valid.npz", required=("x", "losses"))
-    loss_meta = json.loads((paths.loss_data / "meta.json").read_text())
-    data_meta = json.loads((paths.prepared / "meta.json").read_text())
-    names = loss_meta["candidates"]
+    data_meta = prepared_meta(paths)
+    meta = loss_meta(paths)
+    names = meta["candidates"]
+    size = int(data_meta["image_size"])
+    x_train, losses_train = loss_split(paths.loss_data / "train.npz", size, len(names))
+    x_valid, losses_valid = loss_split(paths.loss_data / "valid.npz", size, len(names))
     kwargs = {"num_outputs": len(names), "width": tp.width, "mean": tuple(data_meta["mean"]), "std": tuple(data_meta["std"])}
     cfg = predictor_config(tp, params.seed)
     sorter = load_or_train_sorter(params, len(names), paths, device)[0] if tp.ranker == "sodeep" else None
     with mlflow_stage(STAGE, params, ("train_predictor",)):
         predictor = build_model("loss_predictor", **kwargs)
         ema, history = train_predictor(
-            predictor, _nchw_uint8(train["x"]), torch.as_tensor(train["losses"]),
-            _nchw_uint8(valid["x"]), torch.as_tensor(valid["losses"]), cfg, device=device,
-            identity_index=int(loss_meta["identity_index"]), sorter=sorter,
+            predictor, _nchw_uint8(x_train), torch.as_tensor(losses_train),
+            _nchw_uint8(x_valid), torch.as_tensor(losses_valid), cfg, device=device,
+            identity_index=int(meta["identity_index"]), sorter=sorter,
             on_epoch=lambda epoch, m: tracking.log_metrics(m, step=epoch),
         )
-        prior = prior_scores(torch.as_tensor(train["losses"])).tolist()  # for evaluate's 'prior' method
+        prior = prior_scores(torch.as_tensor(losses_train)).tolist()  # for evaluate's 'prior' method
         save_model_file(paths.predictor, ema, "loss_predictor", kwargs, extra={"candidates": names, "prior": prior})
         last = history[-1]
         metrics = {k: round(float(last[f"valid_{k}"]), 4) for k in REPORTED if f"valid_{k}" in last}
@@ -76,5 +77,5 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         write_json(paths.metrics / "predictor.json", metrics)
         write_curve(paths.plots / "predictor_curve.csv", history)
         tracking.log_artifacts([paths.plots / "predictor_curve.csv"])
-        example = _nchw_uint8(valid["x"][:2]).float().div(255.0).numpy()
+        example = _nchw_uint8(x_valid[:2]).float().div(255.0).numpy()
         tracking.log_and_register_model(ema, "ltta-predictor", example, register=params.tracking.register_models)

@@ -24,11 +24,12 @@ import torch
 
 from ltta import tracking
 from ltta.config import Params, TrainTargetParams
-from ltta.io import atomic_path, load_npz, write_json
+from ltta.io import atomic_path, write_json
 from ltta.model_io import save_model_file
 from ltta.models import build_model
 from ltta.runtime import seed_everything, to_float_nchw
 from ltta.stages.base import Paths, mlflow_stage
+from ltta.stages.inputs import labelled_images, prepared_meta
 from ltta.training.distributed import DistContext, distributed_session
 from ltta.training.target import TrainConfig, evaluate_classifier, train_classifier
 from ltta.transforms.policy import CompiledPolicy, load_policy
@@ -99,9 +100,9 @@ def _run(params: Params, paths: Paths, proc: DistContext) -> None:
     p = params.train_target
     device = proc.device
     seed_everything(params.seed)
-    train = load_npz(paths.prepared / "train.npz", required=("x", "y"))
-    test = load_npz(paths.prepared / "test.npz", required=("x", "y"))
-    meta = json.loads((paths.prepared / "meta.json").read_text())
+    meta = prepared_meta(paths)
+    x_train, y_train = labelled_images(paths.prepared / "train.npz", meta)
+    x_test, y_test = labelled_images(paths.prepared / "test.npz", meta)
 
     cfg = train_config(p, params.seed)
     kwargs = model_kwargs(p.width, meta)
@@ -114,8 +115,8 @@ def _run(params: Params, paths: Paths, proc: DistContext) -> None:
 
     with mlflow_stage(STAGE, params, ("train_target",)) if proc.is_main else contextlib.nullcontext():
         model = build_model(p.arch, **kwargs).to(device)
-        x_tr, y_tr = to_float_nchw(train["x"], device), torch.as_tensor(train["y"], device=device)
-        x_te, y_te = to_float_nchw(test["x"], device), torch.as_tensor(test["y"], device=device)
+        x_tr, y_tr = to_float_nchw(x_train, device), torch.as_tensor(y_train, device=device)
+        x_te, y_te = to_float_nchw(x_test, device), torch.as_tensor(y_test, device=device)
         history = train_classifier(
             model, x_tr, y_tr, cfg, x_val=x_te, y_val=y_te, checkpoint_path=ckpt,
             on_epoch=lambda row: tracking.log_metrics(row, step=int(row["epoch"])),

@@ -434,6 +434,12 @@ def train_predictor(
             raw = predictor_scores(predictor, xv, cfg.eval_batch_size)
             metrics["valid_raw_spearman_rho"] = float(spearman_rho(raw, -lv).nanmean())
             metrics["seconds"] = time.time() - t0
+            if math.isnan(metrics["valid_spearman_rho"]):
+                raise RuntimeError(
+                    f"predictor training collapsed at epoch {epoch}: Spearman's rho is undefined on every valid "
+                    "image, so the averaged predictor scores all candidates alike (or every image's losses are "
+                    f"equal); lower lr (now {metrics['lr']:.3g}) and check the loss dataset"
+                )
             history.append(metrics)
             epochs.set_postfix(loss=f"{metrics['train_loss']:.4f}", rho=f"{metrics['valid_spearman_rho']:.3f}")
             if on_epoch is not None:

@@ -850,8 +850,9 @@ def _train_epoch(
         first = int(bad[0, 0])
         raise RuntimeError(
             f"training diverged: non-finite loss ({float(step_losses[first])}) at epoch {epoch}, step {first + 1} of "
-            f"{steps} (lr {cfg.lr}). Lower the learning rate (or add warmup_epochs / grad_clip_norm); the last "
-            f"checkpoint, if any, holds the previous epoch."
+            f"{steps} (lr {cfg.lr}). Lower the learning rate (lr; in params.yaml train_target.lr, which the policy "
+            f"search's fold models use too) or lengthen the warmup (warmup_epochs); the last checkpoint, if any, "
+            f"holds the previous epoch."
         )
     seconds = time.perf_counter() - t0  # the reads above synchronised the device
     images = steps * batch_size
