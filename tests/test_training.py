@@ -42,7 +42,9 @@ def test_small_cnn_learns_digits(digits) -> None:
     losses = [h["train_loss"] for h in history]
     assert losses[2] < losses[1] < losses[0]
     assert losses[0] < math.log(10) + 0.5  # sane start: near chance-level cross-entropy
-    assert history[-1]["val_error"] < 0.5  # far better than chance (0.9) after 27 steps
+    # Well below chance (0.9) after 27 steps. Not tighter: over seeds 0-7 this run ends at 0.49-0.70,
+    # and the same seed moves by a few images between CPUs (0.50 on one host, below it on another).
+    assert history[-1]["val_error"] < 0.75
     assert history[-1]["train_error"] < history[0]["train_error"]
     # Per-step cosine: the recorded lr is the one of each epoch's last step (9 steps per epoch).
     for h in history:
