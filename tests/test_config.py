@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,80 @@ def test_bad_values_name_the_key(raw: dict, mutate, key: str) -> None:
     with pytest.raises(ParamsError) as err:
         parse_params(raw)
     assert key in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("train_target", "arch", "resnet999", "known: preact_resnet18, resnet18, small_cnn"),
+        ("train_target", "arch", "loss_predictor", "unknown target architecture 'loss_predictor'"),
+        ("loss_dataset", "candidates", ["identity", "foo"], "unknown test-time action 'foo'; known: autocontrast"),
+        ("loss_dataset", "candidates", ["identity", "zoom"], "'zoom' needs a magnitude"),
+        ("loss_dataset", "candidates", ["identity", "identity"], "duplicate candidates ['identity']"),
+        ("loss_dataset", "candidates", ["rotate:20"], "no 'identity' candidate"),
+        ("loss_dataset", "candidates", [], "the candidate list is empty"),
+        ("search_policy", "storage", "sqlit:///x.db", "sqlite:///policies/faa_search.db"),
+        ("search_policy", "storage", "policies/faa_search.db", "not an RDB URL"),
+    ],
+)
+def test_registry_names_are_checked_at_load(raw: dict, section: str, key: str, value, expected: str) -> None:
+    """A value the stage would refuse later (build_model, build_candidates, Optuna's RDBStorage) is refused
+    by check-params, on the key's own line, with the bad value and what is allowed."""
+    raw[section][key] = value
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    line = next(ln for ln in str(err.value).splitlines() if ln.strip().startswith(f"{section}.{key}:"))
+    assert expected in line and f"(got {value!r})" in line
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("train_target", "arch", "wrn_40_2"),
+        ("loss_dataset", "candidates", "paper"),
+        ("loss_dataset", "candidates", ["identity", "rotate:-20", "zoom:0.8+hflip", "identity+hflip"]),
+        ("search_policy", "storage", "sqlite:///policies/faa_search.db"),
+        ("search_policy", "storage", "postgresql://user:pass@host/db"),  # a known dialect; no server is contacted
+        ("search_policy", "storage", "mysql+pymysql://user:pass@host/db"),
+    ],
+)
+def test_good_registry_names_pass(raw: dict, section: str, key: str, value) -> None:
+    raw[section][key] = value
+    assert getattr(getattr(parse_params(raw), section), key) == value
+
+
+def test_schema_literals_match_their_registries() -> None:
+    """Keys typed as a Literal list a registry's names by hand: they must not drift from it."""
+    from ltta.config import DataParams, EvaluateParams, SorterParams, TrainPredictorParams, TrainTargetParams
+    from ltta.data.sources import SOURCES
+    from ltta.training.auxiliary import AUX_FAMILIES
+    from ltta.training.predictor import OBJECTIVES, OPTIMIZERS
+    from ltta.training.target import TRAIN_MODES
+    from ltta.tta import RANKERS, SELECTIONS, TTA_METHODS
+    from ltta.tta.sodeep import SORTERS
+
+    def names(model: type, field: str) -> set[str]:
+        ann = model.model_fields[field].annotation
+        return set(typing.get_args(typing.get_args(ann)[0] if typing.get_origin(ann) is list else ann))
+
+    pairs = [
+        (names(DataParams, "source"), SOURCES), (names(TrainTargetParams, "mode"), TRAIN_MODES),
+        (names(TrainTargetParams, "aux_families"), AUX_FAMILIES), (names(TrainPredictorParams, "optimizer"), OPTIMIZERS),
+        (names(TrainPredictorParams, "objective"), OBJECTIVES), (names(TrainPredictorParams, "ranker"), RANKERS),
+        (names(SorterParams, "model"), SORTERS), (names(EvaluateParams, "methods"), TTA_METHODS),
+        (names(EvaluateParams, "selection"), SELECTIONS),
+    ]
+    for literal, registry in pairs:
+        assert literal == set(registry.names()), (registry.kind, literal ^ set(registry.names()))
+
+
+def test_importing_the_schema_stays_free_of_the_registries() -> None:
+    """The registry checks import torch and SQLAlchemy lazily: the config module itself names neither."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, ltta.config; print(*(m in sys.modules for m in ('ltta.models', 'ltta.tta', 'sqlalchemy')))"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.split() == ["False", "False", "False"], proc.stderr
 
 
 def test_npz_source_needs_a_path(raw: dict) -> None:

@@ -3,6 +3,11 @@
 An unknown key, a wrong type or an out-of-range value stops the stage with the key's dotted
 name and what is allowed (``train_target.epochs: must be >= 1 (got -1)``). Stages read params
 through :func:`load_params`; the library itself never sees this file, it takes plain arguments.
+
+A value that names a registry member (an architecture, a test-time candidate, an RDB URL's
+dialect) is checked against that registry here, so ``ltta check-params`` refuses what the stage
+would refuse later. Those registries import torch (or SQLAlchemy), so their validators import them
+lazily: ``import ltta.config`` stays as cheap as its own imports.
 """
 
 from __future__ import annotations
@@ -26,6 +31,56 @@ def known_corruptions(names: list[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown corruption(s) {unknown}; allowed: {', '.join(ALL_CORRUPTIONS)}")
     return names
+
+
+#: Registered models that are no target classifier: the loss predictor takes ``num_outputs``, not ``num_classes``.
+NOT_TARGET_ARCHS = frozenset({"loss_predictor"})
+
+
+def target_arch(name: str) -> str:
+    """``train_target.arch`` must be a classifier of :data:`ltta.models.MODELS`, the one list of
+    architectures (else ``build_model`` fails only once the stage runs, after data preparation)."""
+    from ltta.models import MODELS  # lazy: pulls in torch
+
+    known = sorted(n for n in MODELS.names() if n not in NOT_TARGET_ARCHS)
+    if name not in known:
+        raise ValueError(f"unknown target architecture {name!r}; known: {', '.join(known)}")
+    return name
+
+
+def known_candidates(names: str | list[str]) -> str | list[str]:
+    """A list of candidates must build as ``build_loss_dataset`` builds it: each name parses (the
+    candidate parser of :mod:`ltta.tta.candidates` defines the syntax), none repeats, one is identity."""
+    if isinstance(names, str):
+        return names  # a preset; the Literal has checked it
+    from ltta.tta.candidates import build_candidates, identity_index  # lazy: pulls in torch
+
+    try:
+        identity_index(build_candidates(names))
+    except (KeyError, ValueError) as exc:  # Registry.get raises KeyError for an unknown action
+        raise ValueError(f"{exc.args[0]} (write e.g. [identity, rotate:20, zoom:0.8+hflip], or 'all' / 'paper')") from None
+    return names
+
+
+#: Examples of the RDB URLs that Optuna's RDBStorage (through SQLAlchemy) opens.
+STORAGE_EXAMPLES = ("sqlite:///policies/faa_search.db", "postgresql://user:pass@host/db", "mysql://user:pass@host/db")
+
+
+def rdb_url(url: str | None) -> str | None:
+    """``search_policy.storage`` must be a URL whose dialect SQLAlchemy knows: ``make_storage`` hands it to
+    Optuna's RDBStorage, which would refuse ``sqlit:///x.db`` only after the search's fold models trained."""
+    if url is None:
+        return None
+    from sqlalchemy.engine import make_url  # lazy: only when a storage is set
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ValueError(
+            f"not an RDB URL SQLAlchemy can open ({exc}); write e.g. {', '.join(STORAGE_EXAMPLES)}, or null for in memory"
+        ) from None
+    return url
 
 
 class _Section(BaseModel):
@@ -106,6 +161,7 @@ class TrainTargetParams(_Section):
     corruption_p: Probability = 0.4
 
     _known = field_validator("corruptions")(classmethod(lambda cls, v: known_corruptions(v)))
+    _arch = field_validator("arch")(classmethod(lambda cls, v: target_arch(v)))
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainTargetParams:
@@ -139,6 +195,7 @@ class LossDatasetParams(_Section):
     batch_size: PositiveInt = 512
 
     _known = field_validator("corruptions")(classmethod(lambda cls, v: known_corruptions(v)))
+    _candidates = field_validator("candidates")(classmethod(lambda cls, v: known_candidates(v)))
 
 
 class SorterParams(_Section):
@@ -183,6 +240,8 @@ class SearchPolicyParams(_Section):
     max_images: PositiveInt | None = 4000  # reduced search set (FAA: 4,000 CIFAR-10 images)
     epochs: PositiveInt = 20  # epochs of each fold's D_M model
     storage: str | None = None  # Optuna RDB URL for resumable / distributed search; None: in memory
+
+    _storage = field_validator("storage")(classmethod(lambda cls, v: rdb_url(v)))
 
 
 class EvaluateParams(_Section):
@@ -257,19 +316,20 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names each bad key."""
 
 
+def _error_message(e: Any) -> str:
+    """One pydantic error as the user should read it: our validators' own words, and the bad value."""
+    if e["type"] == "extra_forbidden":
+        return "unknown key (check the spelling; see params.yaml's documented keys)"
+    # Our validators' messages already say what is wrong; pydantic's "Value error, " prefix adds nothing.
+    msg = str(e["ctx"]["error"]) if e["type"] == "value_error" and "ctx" in e else e["msg"]
+    # A section's or the file's check gets the whole mapping as input: naming the key is enough there.
+    if "input" in e and e["type"] != "missing" and e["loc"] and not isinstance(e["input"], dict):
+        msg = f"{msg} (got {e['input']!r})"
+    return msg
+
+
 def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see params.yaml's documented keys)"
-        elif e["type"] == "literal_error":
-            msg = f"{msg} (got {e.get('input')!r})"
-        elif "input" in e and e["type"] not in ("missing",) and e["loc"]:  # not a whole-file check's input
-            msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+    return "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or '<top level>'}: {_error_message(e)}" for e in err.errors())
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:
