@@ -13,7 +13,14 @@ import pytest
 
 from ltta.io import atomic_path, open_npy, read_json, save_npz, write_json
 from ltta.stages.base import Paths
-from ltta.stages.inputs import labelled_images, loss_meta, loss_split, prepared_meta, split_indices
+from ltta.stages.inputs import (
+    check_target_classes,
+    labelled_images,
+    loss_meta,
+    loss_split,
+    prepared_meta,
+    split_indices,
+)
 
 META = {"source": "digits", "classes": ["a", "b", "c"], "num_classes": 3, "image_size": 8, "n_test": 4,
         "mean": [0.5] * 3, "std": [0.2] * 3}
@@ -107,6 +114,17 @@ def test_prepared_images_are_checked_against_meta(tmp_path: Path) -> None:
     (paths.prepared / "meta.json").write_text(json.dumps({k: v for k, v in META.items() if k != "std"}))
     with pytest.raises(ValueError, match=r"meta.json lacks keys \['std'\]"):
         prepared_meta(paths)
+
+
+def test_the_target_must_know_the_prepared_classes(tmp_path: Path) -> None:
+    target = tmp_path / "models" / "target.pt"
+    check_target_classes(target, {"classes": ["a", "b", "c"]}, META)
+    check_target_classes(target, {}, META)  # a model file without class names: nothing to compare
+    with pytest.raises(ValueError, match=r"target.pt was trained on 2 classes \['a', 'b'\] but data/prepared has 3 .*rerun train_target"):
+        check_target_classes(target, {"classes": ["a", "b"]}, META)
+    many = {"classes": [str(i) for i in range(100)]}
+    with pytest.raises(ValueError, match=r"100 classes \['0', .*'11', '...'\]"):
+        check_target_classes(target, many, META)
 
 
 def test_split_indices_stay_within_the_training_set(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from ltta.io import atomic_dir, atomic_path, write_json, write_text
 from ltta.model_io import load_model_file
 from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw
 from ltta.stages.base import Paths, mlflow_stage
-from ltta.stages.inputs import labelled_images, prepared_meta
+from ltta.stages.inputs import check_target_classes, labelled_images, prepared_meta
 from ltta.transforms.policy import load_policy
 from ltta.tta import build_candidates, build_method
 
@@ -86,7 +86,9 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     e = params.evaluate
     device = resolve_device(params.device)
     seed_everything(params.seed)
-    target, _ = load_model_file(paths.target, device)
+    meta_data = prepared_meta(paths)
+    target, target_extra = load_model_file(paths.target, device)
+    check_target_classes(paths.target, target_extra, meta_data)
     needs_predictor_file = {"learned", "prior"} & set(e.methods)
     predictor, pextra = load_model_file(paths.predictor, device) if needs_predictor_file else (None, {})
     if "prior" in e.methods and "prior" not in pextra:
@@ -96,7 +98,6 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         )
     candidates = build_candidates(pextra.get("candidates", params.loss_dataset.candidates))
     policy = load_policy(paths.policy) if "policy" in e.methods else None
-    meta_data = prepared_meta(paths)
 
     with mlflow_stage(STAGE, params, ("evaluate",)):
         methods = {

@@ -55,6 +55,22 @@ def labelled_images(path: Path, meta: dict[str, Any]) -> tuple[np.ndarray, np.nd
     return x, y.astype(np.int64, copy=False)
 
 
+def check_target_classes(path: Path, extra: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The target in ``path`` was trained on the prepared data's classes (stages run alone can mix runs)."""
+    trained = extra.get("classes")
+    if trained is not None and list(trained) != list(meta["classes"]):
+        raise ValueError(
+            f"{path} was trained on {len(trained)} classes {_few(trained)} but data/prepared has "
+            f"{len(meta['classes'])} {_few(meta['classes'])}; rerun train_target (dvc repro train_target)."
+        )
+
+
+def _few(names: list[str], shown: int = 12) -> list[str]:
+    """The first ``shown`` names (CIFAR-100 has 100: a message needs only enough to tell sets apart)."""
+    names = list(names)
+    return names if len(names) <= shown else [*names[:shown], "..."]
+
+
 def split_indices(path: Path, n_train: int) -> dict[str, np.ndarray]:
     """``splits.npz``: the train_loss / valid_loss indices, each 1-D, integer, within the training set."""
     splits = load_npz(path, required=("train_loss", "valid_loss"))
