@@ -177,8 +177,10 @@ def test_runner_records(results: EvalResults) -> None:
 
 
 def test_runner_batches_and_validates() -> None:
-    chunked = evaluate_methods({"linear": ChannelMeanClassifier()}, _sets(), batch_size=3, progress=False)
-    assert [r.error for r in chunked.records] == [0.0, 50.0, 100.0]
+    chunked = evaluate_methods({"linear": ChannelMeanClassifier(), "oracle": LabelOracle()}, _sets(), batch_size=3, progress=False)
+    assert [r.error for r in chunked.records] == [0.0, 0.0, 50.0, 0.0, 100.0, 0.0]
+    # Each chunk's labels travel with its images (4 images in chunks of 3 and 1): the oracle's NLL stays exact.
+    assert all(r.nll == pytest.approx(-math.log(0.8)) for r in chunked.records if r.method == "oracle")
     with pytest.raises(ValueError, match="2 labels"):
         evaluate_methods({"linear": ChannelMeanClassifier()}, [EvalSet("clean", 0, _images([0]), Y[:2])], progress=False)
     with pytest.raises(ValueError, match="severity >= 1"):
