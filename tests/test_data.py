@@ -251,6 +251,117 @@ def test_folder_source(tmp_path: Path) -> None:
         load_source("folder", root=tmp_path, path=tmp_path / "split")
 
 
+def test_npz_converts_unambiguous_layouts_and_labels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (6, 8, 8, 4), dtype=np.uint8)
+    labels = np.array(["dog", "cat", "eel"] * 2)
+    # RGBA in both layouts (alpha dropped); string labels become sorted class names.
+    for name, x in (("nhwc", rgba), ("nchw", rgba.transpose(0, 3, 1, 2))):
+        np.savez(tmp_path / f"{name}.npz", x_train=x, y_train=labels, x_test=x[:3], y_test=labels[:3].astype(bytes))
+        ds = load_source("npz", root=tmp_path, path=tmp_path / f"{name}.npz", image_size=8)
+        np.testing.assert_array_equal(ds.x_train, rgba[..., :3])
+        assert ds.classes == ["cat", "dog", "eel"] and ds.y_train.tolist() == [1, 0, 2, 1, 0, 2] and ds.y_test.tolist() == [1, 0, 2]
+    # Sparse label values keep their names; one-hot rows and a [N,1] column are read as class indices.
+    x = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    sparse = np.array([3, 7, 9, 9, 7, 3])
+    for y in (sparse, sparse[:, None], np.eye(10, dtype=np.float32)[sparse]):
+        np.savez(tmp_path / "y.npz", x_train=x, y_train=y, x_test=x, y_test=sparse)
+        ds = load_source("npz", root=tmp_path, path=tmp_path / "y.npz", image_size=8)
+        assert ds.classes == ["3", "7", "9"] and ds.y_train.tolist() == [0, 1, 2, 2, 1, 0] == ds.y_test.tolist()
+        np.testing.assert_array_equal(ds.x_train, x.repeat(3, -1))
+    np.savez(tmp_path / "h.npz", x_train=x, y_train=sparse, meta=np.array([{"note": 1}], dtype=object))
+    assert load_source("npz", root=tmp_path, path=tmp_path / "h.npz", image_size=8, test_fraction=0.5).classes == ["3", "7", "9"]
+
+
+_X = np.random.default_rng(1).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+_Y = np.arange(6) % 2
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"x_train": _X.reshape(6, 3, 8, 8)[:, :, :, :3]}, "reads as \\[N,H,W,C\\] and as \\[N,C,H,W\\]"),
+        ({"x_train": _X / 255 * 1.05}, "peak at 1.05.* neither \\[0,1\\].*clip to \\[0,1\\]"),
+        ({"x_train": (_X > 128).astype(np.int64)}, "every pixel is 0 or 1.*x \\* 255"),
+        ({"x_train": _X.astype(np.complex64)}, "images must be uint8, another integer type or float, got dtype complex64"),
+        ({"y_train": np.eye(2)[_Y] * 0.8 + 0.1}, "y_train has shape \\(6, 2\\) but row 0 .* not one-hot"),
+        ({"y_train": _Y[:5]}, "y_train has 5 labels but x_train has 6 images"),
+        ({"x_test": _X}, "has x_test but not y_test"),
+        ({"x_train": np.array(list(_X), dtype=object)}, "x_train is an object array"),
+        ({"y_train": _Y - 1}, "negative labels .*unlabelled"),
+    ],
+    ids=["layout", "float_range", "binary", "complex", "soft_one_hot", "length", "x_test_alone", "object", "negative"],
+)
+def test_npz_refuses_what_it_cannot_read_unambiguously(arrays: dict, match: str, tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", **({"x_train": _X, "y_train": _Y} | arrays))
+    with pytest.raises(ValueError, match=match):
+        load_source("npz", root=tmp_path, path=tmp_path / "d.npz", image_size=8)
+
+
+def test_npz_names_a_file_that_is_not_an_npz(tmp_path: Path) -> None:
+    np.save(tmp_path / "d.npy", _X)
+    with pytest.raises(ValueError, match="d.npy is not an .npz archive"):
+        load_source("npz", root=tmp_path, path=tmp_path / "d.npy")
+
+
+def test_folder_reads_png_modes_and_skips_junk(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    grey16 = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "a" / "0.png")  # 16-bit grey: PIL's convert would clip it to white
+    rgb = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)  # non-square: stretched
+    Image.fromarray(rgb).save(tmp_path / "a" / "1.TIF")
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "b" / "0.PNG")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "b" / "1.png")
+    Image.fromarray(rgb).save(tmp_path / "b" / "2.JPEG")
+    for junk in ("a/._0.png", "a/.DS_Store", "b/Thumbs.db", "b/notes.txt"):  # macOS AppleDouble, Finder, Windows
+        (tmp_path / junk).write_bytes(b"\0\5\26\7 not an image")
+    ds = load_source("folder", root=tmp_path, path=tmp_path, image_size=8, test_fraction=0.4)
+    x, y = np.concatenate([ds.x_train, ds.x_test]), np.concatenate([ds.y_train, ds.y_test])
+    assert ds.classes == ["a", "b"] and np.bincount(y).tolist() == [2, 3]
+    grey = [i for i in np.flatnonzero(y == 0) if (x[i, ..., 0] == x[i, ..., 2]).all()]
+    np.testing.assert_array_equal(x[grey[0], ..., 0], (grey16 >> 8).astype(np.uint8))
+
+
+def _tiny_png(path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize(
+    ("layout", "match"),
+    [
+        (["a/0.png", "a/1.png", "b/0.png", "b/batch2/1.png"], "b/batch2 is a folder inside class folder .*move their images up"),
+        (["train/a/0.png", "train/b/0.png", "val/a/0.png", "val/b/0.png"], "has train/ holding class folders but not both train/ and test/"),
+        (["train/a/0.png", "train/b/0.png", "test/a/0.png", "test/b/notes.txt"], "class folder .*test/b has no images \\(skipped \\['notes.txt'\\]\\)"),
+        (["a/0.png", "a/1.png", "b/0.png", "b/1.png", "b/link.png -> gone.png"], "b/link.png is a broken symlink"),
+        (["a/0.png", "a/1.png", "b/0.png", "b/1.tiff float"], "b/1.tiff: mode F .*no fixed range"),
+    ],
+    ids=["nested", "train_val", "empty_test_class", "broken_symlink", "float_tiff"],
+)
+def test_folder_refuses_layouts_it_would_misread(layout: list[str], match: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    for entry in layout:
+        path = tmp_path / entry.split(" ")[0]
+        if " -> " in entry:
+            path.symlink_to(tmp_path / entry.split(" -> ")[1])
+        elif entry.endswith(" float"):
+            Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(path)
+        elif path.suffix == ".png":
+            _tiny_png(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("notes")
+    with pytest.raises(ValueError, match=match):
+        load_source("folder", root=tmp_path, path=tmp_path, image_size=8, test_fraction=0.5)
+
+
 def test_paper_split_is_stratified_and_deterministic() -> None:
     from sklearn.model_selection import StratifiedShuffleSplit
 
