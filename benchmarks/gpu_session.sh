@@ -5,11 +5,16 @@
 #   bash benchmarks/gpu_session.sh all                 # every part in order (about 33 min on one H100:
 #                                                      # more than one session's 30, so run parts by priority)
 #
+# The GPU box sees only the repository, so carry two git-excluded folders made on the workstation:
+# .wheels312 (bash benchmarks/gpu_wheels.sh) and .bench (mkdir .bench && cp ../shared/data/cifar10_dev.npz
+# .bench/; echo /.bench/ >> .git/info/exclude): run(carry=[".wheels312", ".bench"], command="bash
+# benchmarks/gpu_session.sh deps study-a").
+#
 # Results go to $OUT (the device tool's return folder) or benchmarks/results/gpu_session/, one JSON
 # per part plus its log. Estimated H100 minutes per part are in brackets; the issue each answers after it.
 #
 #   deps     [<1]  install what the GPU box lacks (optuna, hydra-core, pydantic and deps) from
-#                  .wheels312/ (py3.12 wheels, carried from the workstation) into /tmp/pydeps
+#                  .wheels312/ (py3.12 wheels, carried from the workstation: bash benchmarks/gpu_wheels.sh) into /tmp/pydeps
 #   train    [~6]  benchmarks/train_throughput.py: WRN-40-2 in every mode (standard, augmix, policy,
 #                  auxiliary), eager and compiled, then the other architectures, standard, compiled (issue 5)
 #   eval     [~3]  benchmarks/eval_throughput.py at CIFAR-C's set size (10,000 images) (issue 6)
@@ -25,6 +30,12 @@
 # clean-error run on it is `ltta params profile=cifar10 && dvc repro train_target` where it can be
 # downloaded (or with data/raw/ carried in from there).
 set -euo pipefail
+case "${1:-}" in  # before anything is created
+"" | -h | --help)
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'
+    [ $# -ge 1 ] && exit 0 || exit 2
+    ;;
+esac
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/gpu_session}"
 mkdir -p "$out"
@@ -90,5 +101,4 @@ part() {
     esac
 }
 
-[ $# -ge 1 ] || { sed -n '2,26p' "$0"; exit 2; }
 for p in "$@"; do part "$p"; done
