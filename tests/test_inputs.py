@@ -208,3 +208,20 @@ def test_cli_turns_an_unexpected_error_into_one_line(monkeypatch: pytest.MonkeyP
     assert main(["--debug", "evaluate", "--params", str(root / "params.yaml")]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.strip().endswith("unexpected IndexError: index 24 is out of bounds")
+
+
+def test_a_model_file_that_does_not_rebuild_is_named(tmp_path: Path) -> None:
+    import torch
+
+    from ltta.model_io import load_model_file, save_model_file
+    from ltta.models import build_model
+
+    path = tmp_path / "target.pt"
+    save_model_file(path, build_model("small_cnn", num_classes=3, width=4), "small_cnn", {"num_classes": 3, "width": 4})
+    assert load_model_file(path)[0](torch.zeros(1, 3, 8, 8)).shape == (1, 3)
+    blob = torch.load(path, weights_only=True)
+    for kwargs, arch in (({"num_classes": 5, "width": 4}, "small_cnn"), ({"num_classes": 3, "depth": 7}, "small_cnn"),
+                         (blob["kwargs"], "no_such_net")):
+        torch.save({**blob, "kwargs": kwargs, "arch": arch}, path)
+        with pytest.raises(ValueError, match=rf"target.pt does not rebuild as '{arch}' .*rerun its stage"):
+            load_model_file(path)

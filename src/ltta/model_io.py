@@ -30,6 +30,13 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
     for key in ("arch", "kwargs", "state_dict"):
         if key not in blob:
             raise ValueError(f"{p} lacks {key!r}: not an ltta model file; rerun its stage.")
-    model = build_model(blob["arch"], **blob["kwargs"])
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model = build_model(blob["arch"], **blob["kwargs"])
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:  # unknown arch, bad kwargs, weights of another shape
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"{p} does not rebuild as {blob['arch']!r} with its own arguments ({type(exc).__name__}: {first}); "
+            "it was written by another version or edited: rerun its stage."
+        ) from exc
     return model.to(device).eval(), dict(blob.get("extra", {}))
