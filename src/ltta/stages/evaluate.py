@@ -40,10 +40,10 @@ def _loader(paths: Paths, name: str, severity: int, idx: Any, device: torch.devi
     return load
 
 
-def eval_sets(paths: Paths, params: Params, device: torch.device) -> list[EvalSet]:
+def eval_sets(paths: Paths, params: Params, meta: dict[str, Any], device: torch.device) -> list[EvalSet]:
     """The clean set plus every corruption present in ``data/corrupted/test`` at the chosen severities."""
     e = params.evaluate
-    x_test, y_test = labelled_images(paths.prepared / "test.npz", prepared_meta(paths))
+    x_test, y_test = labelled_images(paths.prepared / "test.npz", meta)
     idx = None
     if e.max_images is not None and e.max_images < len(y_test):
         idx = subsample_stratified(y_test, e.max_images, params.seed)
@@ -108,7 +108,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             )
             for name in e.methods
         }
-        results = evaluate_methods(methods, eval_sets(paths, params, device), batch_size=e.batch_size)
+        results = evaluate_methods(methods, eval_sets(paths, params, meta_data, device), batch_size=e.batch_size)
         unseen = unseen_corruptions(params, results.corruptions())
         meta = {
             "dataset": meta_data["source"],

@@ -9,7 +9,6 @@ there first when missing (:mod:`ltta.stages.train_sorter`).
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

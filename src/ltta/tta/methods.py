@@ -86,11 +86,7 @@ class TTAMethod(ABC):
         stacked = views.flatten(0, 1) if isinstance(views, torch.Tensor) else torch.cat(list(views))
         count = views.shape[0] if isinstance(views, torch.Tensor) else len(views)
         probs = self._probs(stacked)
-        per_view = probs.view(count, probs.shape[0] // count, probs.shape[1])
-        acc = per_view[0]
-        for v in range(1, count):
-            acc = acc + per_view[v]
-        return acc / count
+        return _mean_in_order(probs.view(count, probs.shape[0] // count, probs.shape[1]))
 
     @abstractmethod
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -144,11 +140,7 @@ class TTAMethod(ABC):
                 per_slot = torch.empty(n * k, probs.shape[1], device=probs.device)
             per_slot[order[first : first + probs.shape[0]].to(probs.device)] = probs
         assert per_slot is not None
-        slots = per_slot.view(n, k, -1)
-        acc = slots[:, 0]
-        for j in range(1, k):
-            acc = acc + slots[:, j]
-        return acc / k
+        return _mean_in_order(per_slot.view(n, k, -1).transpose(0, 1))
 
     def _all_candidate_probs(self, x: torch.Tensor) -> torch.Tensor:
         """The target's softmax [N,C,K] under every candidate, scored in full batches across candidates."""
@@ -156,6 +148,15 @@ class TTAMethod(ABC):
         image_index = torch.arange(n, device=x.device).repeat(c_count)  # candidate-major rows
         parts = [probs for _, probs in self._scored_rows(x, image_index, [n] * c_count)]
         return torch.cat(parts).view(c_count, n, -1).transpose(0, 1)
+
+
+def _mean_in_order(per_view: torch.Tensor) -> torch.Tensor:
+    """Mean over the first axis of [V,N,K], summed view by view as a running sum would: the same
+    values however the views were batched, and on CUDA the same on every run (no atomics)."""
+    acc = per_view[0]
+    for v in range(1, per_view.shape[0]):
+        acc = acc + per_view[v]
+    return acc / per_view.shape[0]
 
 
 def _row_slices(sizes: Sequence[int], budget: int) -> Iterator[tuple[int, int, list[int]]]:
