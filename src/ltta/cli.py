@@ -12,8 +12,9 @@ import importlib
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ltta.config import ParamsError, load_params
 
@@ -64,7 +65,40 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--check", action="store_true", help="only check that --out equals the composition; exit 1 if not")
     vp = sub.add_parser("check-params", help="validate params.yaml and exit", description="Validate params.yaml and exit.")
     vp.add_argument("--params", type=Path, default=Path("params.yaml"))
+    pp = sub.add_parser(
+        "promote",
+        help="move the registry alias champion to the candidate if it wins on promote.metric",
+        description="Compare the registered ltta-tta@candidate (the last evaluate run's learned TTA) with "
+        "ltta-tta@champion on promote.metric (params.yaml) and move champion, on it and on its target and "
+        "predictor versions, only when the candidate is strictly better; the first candidate becomes champion. "
+        "The figures and the decision are tagged on both versions. Exit 0 either way.",
+    )
+    pp.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    pp.add_argument("--json", type=Path, default=None, help="also write the decision as JSON to this file")
     return parser
+
+
+def _promote(params: Any, args: argparse.Namespace) -> int:
+    """``ltta promote``: one line saying what moved and why."""
+    import mlflow
+
+    from ltta import tracking
+    from ltta.io import write_json
+    from ltta.promotion import promote
+
+    uri = tracking.tracking_uri()
+    tracking.check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    cfg = params.promote
+    decision = promote(mlflow.MlflowClient(), model=cfg.model, metric=cfg.metric, mode=cfg.mode)
+    print(decision.line())
+    if args.json is not None:
+        write_json(args.json, decision.to_json())
+    return 0
+
+
+#: Commands that are not stages: name -> handler(params, args) -> exit code.
+TOOL_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {"promote": _promote}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-params":
             print(f"{args.params}: valid (profile {params.profile})")
             return 0
+        if args.command in TOOL_COMMANDS:
+            return TOOL_COMMANDS[args.command](params, args)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED_COMMANDS:
             # Every process would run the whole stage and race on its outputs.
             print(f"error: {args.command} runs as one process; only {', '.join(sorted(DISTRIBUTED_COMMANDS))} "

@@ -66,6 +66,26 @@ def known_candidates(names: str | list[str]) -> str | list[str]:
 STORAGE_EXAMPLES = ("sqlite:///policies/faa_search.db", "postgresql://user:pass@host/db", "mysql://user:pass@host/db")
 
 
+#: URI schemes a model may come from instead of a file (MLflow's registry and run artifacts).
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+def model_source(value: str) -> str:
+    """A model file (``models/target.pt``) or an MLflow model URI (``models:/ltta-target@champion``)."""
+    if ":/" in value and not value.startswith(MODEL_URI_SCHEMES):
+        raise ValueError(
+            f"{value!r} is neither a model file nor an MLflow model URI; use a path such as models/target.pt, "
+            "models:/<name>@<alias> (e.g. models:/ltta-target@champion), models:/<name>/<version> or runs:/<run id>/<model>"
+        )
+    rest = value.removeprefix("models:/").strip("/")
+    if value.startswith("models:/") and "@" not in rest and "/" not in rest:
+        raise ValueError(f"{value!r} names no version or alias; use models:/<name>@<alias> or models:/<name>/<version>")
+    return value
+
+
+ModelSource = Annotated[str, Field(min_length=1)]
+
+
 def rdb_url(url: str | None) -> str | None:
     """``search_policy.storage`` must be a URL whose dialect SQLAlchemy knows: ``make_storage`` hands it to
     Optuna's RDBStorage, which would refuse ``sqlit:///x.db`` only after the search's fold models trained."""
@@ -193,9 +213,11 @@ class LossDatasetParams(_Section):
     p_aug: Probability = 0.4  # probability of each random rotation / zoom / brightness / corruption
     corruptions: list[str] = Field(default_factory=list)  # corruptions mixed into the predictor's inputs
     batch_size: PositiveInt = 512
+    target: ModelSource = "models/target.pt"  # the frozen target: its file, or an MLflow model URI
 
     _known = field_validator("corruptions")(classmethod(lambda cls, v: known_corruptions(v)))
     _candidates = field_validator("candidates")(classmethod(lambda cls, v: known_candidates(v)))
+    _target = field_validator("target")(classmethod(lambda cls, v: model_source(v)))
 
 
 class SorterParams(_Section):
@@ -257,6 +279,10 @@ class EvaluateParams(_Section):
     batch_size: PositiveInt = 512
     severities: list[Annotated[int, Field(ge=1, le=5)]] = Field(default=[1, 2, 3, 4, 5], min_length=1)
     max_images: PositiveInt | None = None  # cap on clean and corrupted test images per set
+    target: ModelSource = "models/target.pt"  # the target: its file, or an MLflow model URI
+    predictor: ModelSource = "models/predictor.pt"  # the loss predictor: its file, or an MLflow model URI
+
+    _sources = field_validator("target", "predictor")(classmethod(lambda cls, v: model_source(v)))
 
     @model_validator(mode="after")
     def _baseline_in_methods(self) -> EvaluateParams:
@@ -279,6 +305,14 @@ class TrackingParams(_Section):
     register_models: bool = True
 
 
+class PromoteParams(_Section):
+    """``ltta promote``: when the registered candidate replaces the champion (ltta.promotion)."""
+
+    model: str = "ltta-tta"  # the registered model whose aliases move (its target and predictor follow)
+    metric: str = "learned.mean_corruption_error"  # a metric of the evaluate run that logged the model
+    mode: Literal["min", "max"] = "min"  # min: lower wins (errors, NLL); max: higher wins; ties keep the champion
+
+
 class Params(_Section):
     profile: str = "digits"  # name of the profile these values came from (informational)
     study: str = "standard"  # name of the study (conf/study/) these values came from (informational)
@@ -294,6 +328,7 @@ class Params(_Section):
     search_policy: SearchPolicyParams
     evaluate: EvaluateParams
     tracking: TrackingParams = TrackingParams()
+    promote: PromoteParams = PromoteParams()
 
     @model_validator(mode="after")
     def _held_out_stays_out(self) -> Params:

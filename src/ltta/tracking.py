@@ -161,10 +161,60 @@ def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
             mlflow.log_artifact(str(p), artifact_path=artifact_path)
 
 
-def log_and_register_model(model: Any, name: str, example_input: Any, *, register: bool, alias: str = "candidate") -> str | None:
+def file_md5(path: str | Path) -> str:
+    """The md5 of a file's bytes: what ``dvc.lock`` records for a file output (DVC 3)."""
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def lineage_tags(stage: str, file: str | Path, root: Path | None = None) -> dict[str, str]:
+    """Tags that trace a registered version back to ``dvc.lock``: the commit, the DVC stage that
+    wrote the file, the file's path as dvc.yaml names it (from the project ``root``, found from the
+    file when not given), and its md5 (``dvc.lock``'s ``md5`` for that output)."""
+    path = Path(file).resolve()
+    root = Path(root).resolve() if root is not None else project_root(path.parent)
+    try:
+        out = path.relative_to(root).as_posix()
+    except ValueError:
+        out = path.as_posix()
+    return {"ltta.git_commit": git_commit(root), "ltta.dvc_stage": stage, "ltta.dvc_out": out, "ltta.md5": file_md5(path)}
+
+
+def register(model_uri: str, name: str, tags: Mapping[str, str], alias: str = "candidate") -> str:
+    """Register ``model_uri`` as a new version of ``name`` with ``tags`` and point ``alias`` at it."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags=dict(tags))
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def version_by_md5(name: str, md5: str) -> str | None:
+    """The newest registered version of ``name`` whose file has this md5 (None: none registered)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and tags.`ltta.md5` = '{md5}'")
+    except MlflowException:
+        return None
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def log_and_register_model(model: Any, name: str, example_input: Any, *, register_as: Mapping[str, str] | None,
+                           model_file: Path, alias: str = "candidate") -> str | None:
     """Log a torch model with a signature inferred from numpy in/out; register it and set ``alias``.
 
-    Returns the registered version (as a string) or None when registration is off.
+    ``model_file`` (the DVC-tracked ``models/*.pt``) travels with the logged model as an extra
+    file, so a stage can take the model from the registry (``models:/name@champion``) and rebuild
+    it exactly as from the file (:func:`ltta.model_io.load_model_source`). ``register_as``: the
+    version's lineage tags (:func:`lineage_tags`), or None not to register. Returns the
+    registered version (as a string) or None.
     """
     import mlflow
     import numpy as np
@@ -184,11 +234,10 @@ def log_and_register_model(model: Any, name: str, example_input: Any, *, registe
         # pt2: torch.export's traced graph, loadable without this package's code.
         input_example=np.asarray(example_input),
         serialization_format="pt2",
+        extra_files=[str(model_file)],
         # Explicit requirements: inferring them imports and inspects the whole environment (slow).
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
     )
-    if not register:
+    if register_as is None:
         return None
-    version = mlflow.register_model(info.model_uri, name)
-    mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
-    return str(version.version)
+    return register(info.model_uri, name, register_as, alias)

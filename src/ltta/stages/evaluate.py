@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,10 +24,10 @@ from ltta.corruptions import BENCHMARK, read_corruption
 from ltta.data import subsample_stratified
 from ltta.evaluation import CLEAN, EvalSet, evaluate_methods, results_markdown, severity_plot_rows, write_plots
 from ltta.io import atomic_dir, atomic_path, write_json, write_text
-from ltta.model_io import load_model_file
-from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw
+from ltta.model_io import load_model_source
+from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw, to_uint8_nhwc
 from ltta.stages.base import Paths, mlflow_stage
-from ltta.stages.inputs import check_target_classes, labelled_images, prepared_meta
+from ltta.stages.inputs import check_target_classes, labelled_images, model_location, prepared_meta
 from ltta.transforms.policy import load_policy
 from ltta.tta import build_candidates, build_method
 
@@ -82,20 +84,59 @@ def write_severity_csv(path: Any, rows: list[dict[str, Any]], methods: list[str]
             writer.writerow(table[sev])
 
 
+def register_tta_model(paths: Paths, params: Params, learned: Any, files: dict[str, Path], sources: tuple[str, str],
+                       meta_data: dict[str, Any], clean: torch.Tensor) -> str:
+    """Log the learned TTA just evaluated as the pyfunc ``ltta-tta`` (alias ``candidate``) in this run.
+
+    Its tags trace it to ``dvc.lock`` (the evaluation's md5) and to the target and predictor
+    versions it is built from (found by their files' md5), which ``ltta promote`` moves with it.
+    """
+    from ltta.serving import log_tta_model, tta_model_config
+
+    e = params.evaluate
+    config = tta_model_config(
+        [c.name for c in learned.ctx.candidates], k=e.k, selection=e.selection, threshold=e.threshold,
+        batch_size=e.batch_size, image_size=int(meta_data["image_size"]), classes=list(meta_data["classes"]),
+    )
+    example = to_uint8_nhwc(clean[:2]).astype("float32")
+    info = log_tta_model(files["target"], files["predictor"], config, example)
+    tags = tracking.lineage_tags(STAGE, paths.metrics / "eval.json", paths.root)
+    for role, name, source in (("target", "ltta-target", sources[0]), ("predictor", "ltta-predictor", sources[1])):
+        md5 = tracking.file_md5(files[role])
+        tags[f"ltta.{role}_md5"], tags[f"ltta.{role}_source"] = md5, source
+        version = tracking.version_by_md5(name, md5)
+        if version is not None:
+            tags[f"ltta.{role}_version"] = version
+    return tracking.register(info.model_uri, "ltta-tta", tags)
+
+
 def run(params: Params, paths: Paths = Paths()) -> None:
     e = params.evaluate
     device = resolve_device(params.device)
     seed_everything(params.seed)
     meta_data = prepared_meta(paths)
-    target, target_extra = load_model_file(paths.target, device)
-    check_target_classes(paths.target, target_extra, meta_data)
+    target_src, predictor_src = model_location(e.target, paths), model_location(e.predictor, paths)
     needs_predictor_file = {"learned", "prior"} & set(e.methods)
-    predictor, pextra = load_model_file(paths.predictor, device) if needs_predictor_file else (None, {})
-    if "prior" in e.methods and "prior" not in pextra:
-        raise ValueError(
-            f"evaluate: method 'prior' needs the candidates' mean training losses, which {paths.predictor} "
-            "does not hold (it predates them); rerun `ltta train-predictor` (or `dvc repro train_predictor`)"
+    with tempfile.TemporaryDirectory(prefix="ltta-evaluate-") as tmp:
+        # The files the learned TTA model is logged with: the very ones evaluated, wherever they came from.
+        files = {"target": Path(tmp) / "target.pt", "predictor": Path(tmp) / "predictor.pt"}
+        target, target_extra = load_model_source(target_src, device, copy_to=files["target"])
+        check_target_classes(target_src, target_extra, meta_data)
+        predictor, pextra = (
+            load_model_source(predictor_src, device, copy_to=files["predictor"]) if needs_predictor_file else (None, {})
         )
+        if "prior" in e.methods and "prior" not in pextra:
+            raise ValueError(
+                f"evaluate: method 'prior' needs the candidates' mean training losses, which {predictor_src} "
+                "does not hold (it predates them); rerun `ltta train-predictor` (or `dvc repro train_predictor`)"
+            )
+        _evaluate(params, paths, meta_data, device, target, predictor, pextra, files, (str(target_src), str(predictor_src)))
+
+
+def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: torch.device, target: torch.nn.Module,
+              predictor: torch.nn.Module | None, pextra: dict[str, Any], files: dict[str, Path],
+              sources: tuple[str, str]) -> None:
+    e = params.evaluate
     candidates = build_candidates(pextra.get("candidates", params.loss_dataset.candidates))
     policy = load_policy(paths.policy) if "policy" in e.methods else None
 
@@ -108,7 +149,8 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             )
             for name in e.methods
         }
-        results = evaluate_methods(methods, eval_sets(paths, params, meta_data, device), batch_size=e.batch_size)
+        sets = eval_sets(paths, params, meta_data, device)
+        results = evaluate_methods(methods, sets, batch_size=e.batch_size)
         unseen = unseen_corruptions(params, results.corruptions())
         meta = {
             "dataset": meta_data["source"],
@@ -141,3 +183,5 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             [paths.reports / "results.md", paths.metrics / "eval.json", paths.plots / "eval_severity.csv"]
             + [paths.reports / "figures" / f.name for f in figures],
         )
+        if "learned" in methods and params.tracking.register_models:
+            register_tta_model(paths, params, methods["learned"], files, sources, meta_data, sets[0].x)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ltta.io import load_npz, read_json
+from ltta.model_io import is_model_uri
 from ltta.stages.base import Paths
 
 #: The keys of ``data/prepared/meta.json`` that later stages read (prepare_data writes them).
@@ -55,7 +56,12 @@ def labelled_images(path: Path, meta: dict[str, Any]) -> tuple[np.ndarray, np.nd
     return x, y.astype(np.int64, copy=False)
 
 
-def check_target_classes(path: Path, extra: dict[str, Any], meta: dict[str, Any]) -> None:
+def model_location(source: str, paths: Paths) -> str | Path:
+    """A params model source as a stage reads it: an MLflow URI as is, a file under the project root."""
+    return source if is_model_uri(source) else paths.root / source
+
+
+def check_target_classes(path: str | Path, extra: dict[str, Any], meta: dict[str, Any]) -> None:
     """The target in ``path`` was trained on the prepared data's classes (stages run alone can mix runs)."""
     trained = extra.get("classes")
     if trained is not None and list(trained) != list(meta["classes"]):

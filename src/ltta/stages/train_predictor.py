@@ -77,4 +77,5 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         write_curve(paths.plots / "predictor_curve.csv", history)
         tracking.log_artifacts([paths.plots / "predictor_curve.csv"])
         example = _nchw_uint8(x_valid[:2]).float().div(255.0).numpy()
-        tracking.log_and_register_model(ema, "ltta-predictor", example, register=params.tracking.register_models)
+        lineage = tracking.lineage_tags(STAGE, paths.predictor, paths.root) if params.tracking.register_models else None
+        tracking.log_and_register_model(ema, "ltta-predictor", example, register_as=lineage, model_file=paths.predictor)

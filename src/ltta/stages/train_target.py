@@ -137,7 +137,8 @@ def _run(params: Params, paths: Paths, proc: DistContext) -> None:
         write_curve(paths.plots / "target_curve.csv", history)
         tracking.log_metrics(metrics)
         tracking.log_artifacts([paths.plots / "target_curve.csv"])
+        lineage = tracking.lineage_tags(STAGE, paths.target, paths.root) if params.tracking.register_models else None
         tracking.log_and_register_model(
-            model, "ltta-target", x_te[:2].cpu().numpy(), register=params.tracking.register_models
+            model, "ltta-target", x_te[:2].cpu().numpy(), register_as=lineage, model_file=paths.target
         )
         ckpt.unlink(missing_ok=True)  # the finished model is the artifact; the checkpoint only served resumption

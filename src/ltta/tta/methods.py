@@ -92,21 +92,23 @@ class TTAMethod(ABC):
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Probabilities [n,K] for one chunk already on the device."""
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def _chunks(self, x: torch.Tensor, y: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Check the inputs and yield them on the device in chunks of ``8 * batch_size`` images
+        (which bounds the memory of one chunk's views)."""
         if x.dim() != 4 or not x.is_floating_point():
             raise ValueError(f"expected float images [N,3,H,W] in [0,1], got {tuple(x.shape)} {x.dtype}")
         if self.needs_labels and (y is None or y.shape != (x.shape[0],)):
             raise ValueError(f"method {self.name!r} needs the labels y [N] (it is an upper bound that looks at them)")
-        chunk = 8 * self.ctx.batch_size  # bounds the memory of the views of one chunk
-        out = []
+        if x.shape[0] == 0:
+            raise ValueError("predict got an empty batch (N = 0)")
+        chunk = 8 * self.ctx.batch_size
         for start in range(0, x.shape[0], chunk):
             xc = x[start : start + chunk].to(self.ctx.device)
-            yc = None if y is None else y[start : start + chunk].to(self.ctx.device)
-            out.append(self._predict_chunk(xc, yc).float().to(x.device))
-        if not out:
-            raise ValueError("predict got an empty batch (N = 0)")
-        return torch.cat(out)
+            yield xc, (None if y is None else y[start : start + chunk].to(self.ctx.device))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat([self._predict_chunk(xc, yc).float().to(x.device) for xc, yc in self._chunks(x, y)])
 
     # -- per-image choices ---------------------------------------------------------------
     def _scored_rows(
@@ -399,6 +401,17 @@ class LearnedTTA(TTAMethod):
 
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self._average_selected(x, self.selection(x))
+
+    @torch.no_grad()
+    def predict_with_selection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict(x)`` and the candidates it averaged [N,k] (best first), one predictor run per
+        chunk: what the served model (:mod:`ltta.serving`) answers."""
+        probs, chosen = [], []
+        for xc, _ in self._chunks(x, None):
+            sel = self.selection(xc)
+            probs.append(self._average_selected(xc, sel).float().to(x.device))
+            chosen.append(sel.to(x.device))
+        return torch.cat(probs), torch.cat(chosen)
 
 
 @TTA_METHODS.register("prior")
