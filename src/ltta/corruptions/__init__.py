@@ -11,13 +11,33 @@ Public API:
 
 from __future__ import annotations
 
-# Importing the op modules registers them, in no particular order; BENCHMARK/EXTRA give the order.
-from ltta.corruptions import blur, digital, extra, noise, weather  # noqa: F401
-from ltta.corruptions.apply import corrupt, corrupt_images, derive_seed, random_corruptions, truncate_to_uint8
-from ltta.corruptions.base import CORRUPTIONS, CorruptionFn
-from ltta.corruptions.cifar_c import available_corruptions, read_corruption, write_corruption_set
+import importlib
+from typing import Any
+
 from ltta.corruptions.names import ALL_CORRUPTIONS, BENCHMARK, EXTRA, FAMILIES
-from ltta.corruptions.severity import SEVERITIES, TABLES
+
+# The names above need no torch, so ``ltta.config`` (and every command that only reads params:
+# --help, params, check-params, promote, compare) starts without it. The rest loads on first use.
+_LAZY: dict[str, str] = {
+    "corrupt": "apply", "corrupt_images": "apply", "derive_seed": "apply", "random_corruptions": "apply",
+    "truncate_to_uint8": "apply", "CORRUPTIONS": "base", "CorruptionFn": "base",
+    "available_corruptions": "cifar_c", "read_corruption": "cifar_c", "write_corruption_set": "cifar_c",
+    "SEVERITIES": "severity", "TABLES": "severity",
+}
+#: Importing the op modules registers them, in no particular order; BENCHMARK/EXTRA give the order.
+_OPS = ("blur", "digital", "extra", "noise", "weather")
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: the op registry and helpers, imported (ops registered) on first access."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    for op in _OPS:
+        importlib.import_module(f"{__name__}.{op}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ALL_CORRUPTIONS",
