@@ -14,7 +14,6 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from ltta.config import ParamsError, load_params
 
@@ -75,10 +74,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     pp.add_argument("--json", type=Path, default=None, help="also write the decision as JSON to this file")
+    from ltta.compare import COLUMNS, GROUP_KEYS
+
+    xp = sub.add_parser(
+        "compare",
+        help="the paper's table for several evaluate runs side by side (from MLflow)",
+        description="Read the evaluate runs from MLflow (MLFLOW_TRACKING_URI, else the project's mlflow.db) and "
+        "print the paper's table: one row per method and run, or with --by one column per study/profile/... "
+        "(mean ± sd of --metric over its runs). Runs are chosen by --run-id, --dvc-exp, or --experiment and "
+        "--filter (default: every evaluate run of experiment ltta).",
+    )
+    xp.add_argument("--experiment", action="append", default=[], help="MLflow experiment name (repeatable; default: ltta)")
+    xp.add_argument("--run-id", action="append", default=[], help="an evaluate run's id (repeatable)")
+    xp.add_argument("--dvc-exp", action="append", default=[], help="a `dvc exp run` experiment's name (repeatable; its newest run)")
+    xp.add_argument("--filter", default=None, help="MLflow search filter ANDed with ltta.stage=evaluate, "
+                    "e.g. \"tags.`ltta.profile` = 'cifar10'\"")
+    xp.add_argument("--by", choices=GROUP_KEYS, default=None, help="one column per value of this tag/param")
+    xp.add_argument("--metric", default="mean_corruption_error",
+                    help=f"the summary key tabulated with --by (default mean_corruption_error; the paper's: {', '.join(COLUMNS)})")
+    xp.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown", help="output format (default markdown)")
+    xp.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
     return parser
 
 
-def _promote(params: Any, args: argparse.Namespace) -> int:
+def _promote(args: argparse.Namespace) -> int:
     """``ltta promote``: one line saying what moved and why."""
     import mlflow
 
@@ -86,6 +105,7 @@ def _promote(params: Any, args: argparse.Namespace) -> int:
     from ltta.io import write_json
     from ltta.promotion import promote
 
+    params = load_params(args.params)
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
@@ -97,8 +117,29 @@ def _promote(params: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-#: Commands that are not stages: name -> handler(params, args) -> exit code.
-TOOL_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {"promote": _promote}
+def _compare(args: argparse.Namespace) -> int:
+    """``ltta compare``: the table on stdout (or ``--out``)."""
+    import mlflow
+
+    from ltta import tracking
+    from ltta.compare import find_runs, render_grouped, render_long
+    from ltta.io import write_text
+
+    uri = tracking.tracking_uri()
+    tracking.check_reachable(uri)
+    runs = find_runs(mlflow.MlflowClient(tracking_uri=uri), experiments=args.experiment, run_ids=args.run_id,
+                     filter_string=args.filter, dvc_exps=args.dvc_exp)
+    text = render_long(runs, args.format) if args.by is None else render_grouped(runs, args.by, args.metric, args.format)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        write_text(args.out, text)
+        print(f"wrote {args.out} ({len(runs)} runs)")
+    return 0
+
+
+#: Commands that are not stages: name -> handler(args) -> exit code (each reads params.yaml only if it needs it).
+TOOL_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"promote": _promote, "compare": _compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,12 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_params(args.out, composed)
             print(f"wrote {args.out} (profile {composed.profile})")
             return 0
+        if args.command in TOOL_COMMANDS:
+            return TOOL_COMMANDS[args.command](args)
         params = load_params(args.params)
         if args.command == "check-params":
             print(f"{args.params}: valid (profile {params.profile})")
             return 0
-        if args.command in TOOL_COMMANDS:
-            return TOOL_COMMANDS[args.command](params, args)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED_COMMANDS:
             # Every process would run the whole stage and race on its outputs.
             print(f"error: {args.command} runs as one process; only {', '.join(sorted(DISTRIBUTED_COMMANDS))} "

@@ -8,6 +8,7 @@ plain arguments, writes its outputs atomically and logs to MLflow. The paths her
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Any
 
 from ltta import tracking
 from ltta.config import Params
+
+#: Set by ``dvc exp run`` for the stage commands it runs (dvc.env.DVC_EXP_NAME): the experiment's name.
+DVC_EXP_ENV = "DVC_EXP_NAME"
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,17 @@ class Paths:
 
 @contextlib.contextmanager
 def mlflow_stage(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator[Any]:
-    """An MLflow run for ``stage`` with the params sections it reads."""
+    """An MLflow run for ``stage`` with the params sections it reads.
+
+    The tags ``ltta.profile``, ``ltta.study``, ``ltta.unseen`` (and ``ltta.dvc_exp``, the experiment's
+    name under ``dvc exp run``) are what ``ltta compare --by`` and the MLflow UI's filters group on.
+    """
     dumped = params.model_dump()
-    logged = {"seed": params.seed, "device": params.device, "profile": params.profile}
+    logged = {"seed": params.seed, "device": params.device, "profile": params.profile, "study": params.study,
+              "unseen": params.unseen}
     logged.update({s: dumped[s] for s in sections})
-    with tracking.stage_run(stage, logged, experiment=params.tracking.experiment, tags={"ltta.profile": params.profile}) as run:
+    tags = {"ltta.profile": params.profile, "ltta.study": params.study, "ltta.unseen": params.unseen}
+    if os.environ.get(DVC_EXP_ENV):
+        tags["ltta.dvc_exp"] = os.environ[DVC_EXP_ENV]
+    with tracking.stage_run(stage, logged, experiment=params.tracking.experiment, tags=tags) as run:
         yield run
