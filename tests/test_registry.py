@@ -203,7 +203,8 @@ def served(store: tuple[Paths, str]) -> Iterator[str]:
     cmd = [str(exe), "models", "serve", "-m", "models:/ltta-tta@champion", "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     base = f"http://127.0.0.1:{port}"
-    with running_server(cmd, base + "/ping", paths.root / "serve.log", cwd=paths.root, env=dict(os.environ, MLFLOW_TRACKING_URI=uri)):
+    with running_server(cmd, base + "/ping", paths.root / "serve.log", cwd=paths.root, env=dict(os.environ, MLFLOW_TRACKING_URI=uri,
+                            PATH=f"{exe.parent}{os.pathsep}{os.environ.get('PATH', '')}")):  # uvicorn beside mlflow
         yield base
 
 
