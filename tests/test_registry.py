@@ -115,14 +115,15 @@ def test_promote_moves_champion_only_on_a_strict_win(store: tuple[Paths, str]) -
 
     worse = _synthetic_version(client, model, 31.0)
     d = promote(client, model=model)
-    assert not d.promoted and (d.candidate_value, d.champion_value) == (31.0, 30.0)
+    assert not d.promoted and (d.candidate_value, d.champion_value) == (31.0, 30.0) and "worse" in d.reason
     assert str(client.get_model_version_by_alias(model, "champion").version) == first
     tags = client.get_model_version(model, worse).tags
     assert tags["ltta.promotion.decision"] == "kept champion" and tags["ltta.promotion.champion_value"] == "30"
     assert "31" in client.get_model_version(model, first).tags["ltta.promotion.last_challenger"]
 
     tie = _synthetic_version(client, model, 30.0)
-    assert not promote(client, model=model).promoted  # a tie keeps the champion
+    d = promote(client, model=model)
+    assert not d.promoted and "tie" in d.reason  # a tie keeps the champion
     better = _synthetic_version(client, model, 29.5)
     d = promote(client, model=model)
     assert d.promoted and d.champion_version == first
@@ -162,7 +163,7 @@ def test_evaluate_takes_the_models_from_the_registry(store: tuple[Paths, str], t
 
     assert ltta_main(["promote", "--params", str(params_file)]) == 0
     line = capsys.readouterr().out
-    assert "kept the champion" in line and "not better" in line  # same figures: a tie keeps the champion
+    assert "kept the champion" in line and "a tie" in line  # same figures: a tie keeps the champion
 
     # build_loss_dataset by URI writes the very table the file gave.
     saved = {s: np.load(paths.loss_data / f"{s}.npz")["losses"] for s in ("train", "valid")}

@@ -101,8 +101,10 @@ def promote(client: Any, *, model: str = "ltta-tta", metric: str = "learned.mean
         promoted, reason = False, "the candidate is the champion already"
     elif better(cand_value, float(champ_value), mode):  # type: ignore[arg-type]
         promoted, reason = True, f"the candidate is better ({'lower' if mode == 'min' else 'higher'} wins)"
+    elif cand_value == champ_value:
+        promoted, reason = False, "a tie: the champion stays"
     else:
-        promoted, reason = False, "the candidate is not better (a tie keeps the champion)"
+        promoted, reason = False, f"the candidate is worse ({'lower' if mode == 'min' else 'higher'} wins)"
     decision = Decision(
         model=model, metric=metric, mode=mode, candidate_version=str(candidate.version), candidate_value=cand_value,
         champion_version=None if champion is None else str(champion.version), champion_value=champ_value,
