@@ -84,6 +84,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def prefect_server() -> Iterator[None]:
     """Prefect's test harness: a real Prefect API server on 127.0.0.1 with a temporary database."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The server's telemetry heartbeat writes to the same SQLite file as the flow runs and, on two
+    # busy cores, logs "database is locked" tracebacks that are noise (and phones home): off.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
