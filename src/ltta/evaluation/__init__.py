@@ -1,7 +1,7 @@
 """Evaluation: metrics (error, NLL, ECE, corruption means), the method x set runner, tables and plots."""
 
 from ltta.evaluation.metrics import ece, error_rate, mean_corruption_error, nll, relative_mce
-from ltta.evaluation.report import results_markdown, severity_plot_rows, write_plots
+from ltta.evaluation.report import figures_markdown, results_markdown, severity_plot_rows, write_plots
 from ltta.evaluation.runner import CLEAN, EvalRecord, EvalResults, EvalSet, evaluate_methods
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "ece",
     "error_rate",
     "evaluate_methods",
+    "figures_markdown",
     "mean_corruption_error",
     "nll",
     "relative_mce",

@@ -17,6 +17,31 @@ from ltta.io import save_figure
 
 MISSING = "n/a"
 
+# Okabe & Ito's colour-blind-safe palette (https://jfly.uni-koeln.de/color/), black last: one colour
+# per method, in the order the methods were evaluated, the same in every figure.
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
+
+
+def method_colours(methods: Sequence[str]) -> dict[str, str]:
+    """A fixed colour per method (the palette repeats past eight methods)."""
+    return {m: OKABE_ITO[i % len(OKABE_ITO)] for i, m in enumerate(methods)}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, accuracy) points no other point beats on both (cheaper or equal, and more
+    accurate or equal, one strictly), sorted by cost: the methods worth their passes."""
+    front: list[tuple[float, float]] = []
+    for cost, acc in sorted(set(points), key=lambda p: (p[0], -p[1])):
+        if not front or acc > front[-1][1]:
+            front.append((cost, acc))
+    return front
+
+
+def cost_ticks(costs: Sequence[float]) -> list[int]:
+    """Integer ticks for the forward-pass axis: a learned top-k costs e.g. 5.57 passes, which next to
+    a tick at 5 printed two labels on top of each other; its own value is in the table instead."""
+    return sorted({max(1, round(c)) for c in costs if c > 0})
+
 
 def _cell(value: float | None, fmt: str) -> str:
     return MISSING if value is None else format(value, fmt)
@@ -167,10 +192,11 @@ def _severity_figure(results: EvalResults, benchmark: Sequence[str]) -> Any:
 
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
+    colours = method_colours(results.methods())
     for m in results.methods():
         means = results.severity_means(m, benchmark)
         xs = sorted(means)
-        ax.plot(xs, [means[s] for s in xs], marker="o", label=m)
+        ax.plot(xs, [means[s] for s in xs], marker="o", label=m, color=colours[m])
     ax.set_xlabel("severity (0 = clean)")
     ax.set_ylabel(f"top-1 error (%), mean over {len(benchmark)} corruptions")
     ax.set_title("Error by corruption severity")
@@ -205,31 +231,58 @@ def _heatmap_figure(results: EvalResults, corruptions: Sequence[str]) -> Any:
     return fig
 
 
+def marker_name(marker: str) -> str:
+    return {"o": "circles", "s": "squares"}.get(marker, marker)
+
+
 def _cost_figure(results: EvalResults, benchmark: Sequence[str], extra: Sequence[str]) -> Any:
     from matplotlib.figure import Figure
 
     summary = results.summary(benchmark, extra)
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
-    series: list[tuple[str, str, str]] = [("clean_error", "clean", "o"), ("mean_corruption_error", "corrupted", "s")]
-    for key, label, marker in series:
+    colours = method_colours(list(summary))
+    series: list[tuple[str, str, str, str]] = [
+        ("clean_error", "clean", "o", "-"), ("mean_corruption_error", "corrupted (benchmark mean)", "s", "--"),
+    ]
+    for key, label, marker, line in series:
         pts = [(s["forward_passes"], 100.0 - s[key], m) for m, s in summary.items() if s[key] is not None]
         pts = [p for p in pts if p[0] and p[0] > 0]
         if not pts:
             continue
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, c=[colours[p[2]] for p in pts],
+                   edgecolors="black", linewidths=0.5, zorder=3)
+        front = pareto_front([(x, y) for x, y, _ in pts])
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", linestyle=line, color="0.4",
+                label=f"{label}: Pareto frontier ({marker_name(marker)})")
         for x, y, m in pts:
-            ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8, color="0.15")
     ax.set_xscale("log")
-    costs = sorted({s["forward_passes"] for s in summary.values() if s["forward_passes"] and s["forward_passes"] > 0})
-    ax.set_xticks(costs, [format(c, "g") for c in costs])
+    costs = [s["forward_passes"] for s in summary.values() if s["forward_passes"]]
+    ticks = cost_ticks(costs)
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
-    ax.set_xlabel("forward passes per image (log)")
+    ax.set_xlabel("forward passes per image (log scale; exact values in the table)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Accuracy against test-time cost")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return fig
+
+
+FIGURE_CAPTIONS: dict[str, str] = {
+    "error_by_severity.png": "Mean error over the benchmark corruptions at each severity (0 = clean), one line per TTA method.",
+    "corruption_heatmap.png": "Error per corruption (rows) and TTA method (columns), mean over the evaluated severities.",
+    "accuracy_vs_cost.png": "Accuracy against forward passes per image; the step lines join the methods no cheaper one beats.",
+}
+
+
+def figures_markdown(names: Sequence[str], folder: str = "figures") -> str:
+    """A Markdown section that shows each figure with its one-line meaning under it."""
+    lines = ["## Figures", ""]
+    for name in names:
+        lines += [f"![{name}]({folder}/{name})", "", FIGURE_CAPTIONS[name], ""]
+    return "\n".join(lines)
 
 
 def write_plots(

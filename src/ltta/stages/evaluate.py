@@ -22,7 +22,9 @@ from ltta import tracking
 from ltta.config import Params
 from ltta.corruptions import BENCHMARK, read_corruption
 from ltta.data import subsample_stratified
-from ltta.evaluation import CLEAN, EvalSet, evaluate_methods, results_markdown, severity_plot_rows, write_plots
+from ltta.evaluation import (
+    CLEAN, EvalSet, evaluate_methods, figures_markdown, results_markdown, severity_plot_rows, write_plots,
+)
 from ltta.io import atomic_dir, atomic_path, write_json, write_text
 from ltta.model_io import load_model_source
 from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw, to_uint8_nhwc
@@ -168,14 +170,12 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
             "git commit": tracking.git_commit()[:12],
         }
         write_json(paths.metrics / "eval.json", results.to_json(baseline_method=e.baseline, unseen=unseen))
-        write_text(
-            paths.reports / "results.md",
-            results_markdown(
-                results, title=f"ltta results: {params.profile}", meta=meta, baseline_method=e.baseline, unseen=unseen
-            ),
-        )
         with atomic_dir(paths.reports / "figures") as fig_dir:
             figures = write_plots(results, fig_dir)
+        table = results_markdown(
+            results, title=f"ltta results: {params.profile}", meta=meta, baseline_method=e.baseline, unseen=unseen
+        )
+        write_text(paths.reports / "results.md", table + "\n" + figures_markdown([f.name for f in figures]))
         write_severity_csv(paths.plots / "eval_severity.csv", severity_plot_rows(results), list(e.methods))
         summary = results.summary(baseline_method=e.baseline, unseen=unseen)
         tracking.log_metrics({f"{m}.{k}": v for m, row in summary.items() for k, v in row.items() if v is not None})
