@@ -77,12 +77,12 @@ def test_registered_versions_trace_back_to_their_dvc_outputs(store: tuple[Paths,
         assert v.tags["ltta.md5"] == tracking.file_md5(paths.root / out)  # dvc.lock's md5 of that output
         assert v.tags["ltta.git_commit"]
     tta = client.get_model_version_by_alias("ltta-tta", "candidate")
-    assert tta.tags["ltta.dvc_stage"] == "evaluate" and tta.tags["ltta.dvc_out"] == "metrics/eval.json"
-    assert tta.tags["ltta.md5"] == tracking.file_md5(paths.metrics / "eval.json")
+    assert tta.tags["ltta.dvc_stage"] == "evaluate" and tta.tags["ltta.dvc_out"] == "reports/eval.json"
+    assert tta.tags["ltta.md5"] == tracking.file_md5(paths.reports / "eval.json")
     assert tta.tags["ltta.target_version"] == str(client.get_model_version_by_alias("ltta-target", "candidate").version)
     assert tta.tags["ltta.predictor_md5"] == tracking.file_md5(paths.predictor)
     # The evaluation the version is judged by is its own run's.
-    summary = json.loads((paths.metrics / "eval.json").read_text())["summary"]
+    summary = json.loads((paths.reports / "eval.json").read_text())["summary"]
     run = client.get_run(tta.run_id)
     assert run.data.metrics["learned.mean_corruption_error"] == pytest.approx(summary["learned"]["mean_corruption_error"], abs=1e-4)
 
@@ -149,10 +149,10 @@ def test_evaluate_takes_the_models_from_the_registry(store: tuple[Paths, str], t
     first = json.loads((tmp_path / "d.json").read_text())
     assert first["promoted"] and capsys.readouterr().out.startswith("ltta-tta: promoted")
 
-    before = json.loads((paths.metrics / "eval.json").read_text())
+    before = json.loads((paths.reports / "eval.json").read_text())
     by_uri = parse_params(_raw(target="models:/ltta-target@champion", predictor="models:/ltta-predictor@champion"))
     evaluate.run(by_uri, paths)
-    after = json.loads((paths.metrics / "eval.json").read_text())
+    after = json.loads((paths.reports / "eval.json").read_text())
     for method in METHODS:
         for key in ("clean_error", "mean_corruption_error", "clean_nll", "forward_passes"):
             assert after["summary"][method][key] == before["summary"][method][key], (method, key)

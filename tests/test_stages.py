@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ltta.config import parse_params
+from ltta.evaluation.runner import DVC_METRIC_KEYS
 from ltta.stages import build_loss_dataset, evaluate, prepare_data, search_policy, train_predictor, train_target
 from ltta.stages.base import Paths
 from tests.conftest import tiny_params
@@ -48,7 +49,7 @@ def test_every_stage_writes_its_outputs(pipeline_run: tuple[Paths, dict]) -> Non
     paths, raw = pipeline_run
     for p in [paths.prepared / "train.npz", paths.prepared / "meta.json", paths.corrupted / "labels.npy",
               paths.target, paths.loss_data / "train.npz", paths.predictor, paths.policy,
-              paths.metrics / "eval.json", paths.reports / "results.md", paths.plots / "eval_severity.csv"]:
+              paths.reports / "eval.json", paths.reports / "results.md", paths.plots / "eval_severity.csv"]:
         assert p.exists(), p
     for name in raw["corruptions"]["names"]:
         x = np.load(paths.corrupted / f"{name}.npy", mmap_mode="r")
@@ -57,10 +58,24 @@ def test_every_stage_writes_its_outputs(pipeline_run: tuple[Paths, dict]) -> Non
     for method in raw["evaluate"]["methods"]:
         assert f"| {method}" in report
     assert "learned selection" in report and "topk" in report  # how learned picked its views
-    metrics = json.loads((paths.metrics / "eval.json").read_text())
+    metrics = json.loads((paths.reports / "eval.json").read_text())
     assert set(metrics["summary"]) == set(raw["evaluate"]["methods"])
     # The oracle is an upper bound: never worse than no TTA on the clean set.
     assert metrics["summary"]["oracle"]["clean_error"] <= metrics["summary"]["none"]["clean_error"]
+    # DVC's view: a small file per method (a row each in `dvc metrics show`), the same numbers under short keys.
+    files = sorted(p.name for p in (paths.metrics / "tta").iterdir())
+    assert files == sorted(f"{m}.json" for m in raw["evaluate"]["methods"])
+    for method in raw["evaluate"]["methods"]:
+        row = json.loads((paths.metrics / "tta" / f"{method}.json").read_text())
+        assert list(row)[:6] == ["clean_err", "mce", "extra_err", "corr_nll", "corr_ece", "passes"], row
+        assert set(list(row)[6:]) <= {"seen_err", "unseen_err"}, row  # the unseen-corruption study's split
+        for short, long in DVC_METRIC_KEYS.items():
+            if short in row:
+                assert row[short] == metrics["summary"][method][long], (method, short)
+    assert json.loads((paths.metrics / "target.json").read_text()).keys() == {"test_err"}
+    assert json.loads((paths.metrics / "predictor.json").read_text()).keys() == {"rho", "top1"}
+    assert json.loads((paths.metrics / "search.json").read_text()).keys() == {"score"}
+    assert sorted(p.name for p in paths.metrics.iterdir()) == ["predictor.json", "search.json", "target.json", "tta"]
     assert not list(paths.root.rglob("*.tmp")) and not list(paths.root.rglob(".*.partial"))
 
 
@@ -152,4 +167,4 @@ def test_prior_method_reads_the_predictors_training_means(pipeline_run: tuple[Pa
     save_model_file(other.predictor, predictor, blob["arch"], blob["kwargs"], extra=old)
     with pytest.raises(ValueError, match="rerun `ltta train-predictor`"):
         evaluate.run(parse_params(tiny_params()), other)
-    assert not (other.metrics / "eval.json").exists()
+    assert not (other.reports / "eval.json").exists() and not (other.metrics / "tta").exists()

@@ -188,7 +188,8 @@ def test_deployment_runs_the_flow_on_a_worker_and_publishes_the_table(project: P
 
 @pytest.mark.timeout(900)
 def test_compare_reads_a_dvc_exp_grid_as_the_papers_table(project: Path, env: dict[str, str]) -> None:
-    from ltta.compare import COLUMNS, find_runs
+    from ltta.compare import find_runs
+    from ltta.evaluation.runner import DVC_METRIC_KEYS
 
     for name, study in STUDIES.items():
         _run([DVC, "exp", "run", "-n", name, "-S", "profile=tiny", "-S", f"study={study}", "-S", GRID_OVERRIDE],
@@ -200,11 +201,14 @@ def test_compare_reads_a_dvc_exp_grid_as_the_papers_table(project: Path, env: di
     assert [r.group("study") for r in runs] == list(STUDIES.values())
     for run, name in zip(runs, STUDIES):
         # The numbers MLflow holds for the run are the ones DVC committed for the experiment (4 decimals).
-        dvc_summary = by_name[name]["data"]["metrics"]["metrics/eval.json"]["data"]["summary"]
-        for method, row in dvc_summary.items():
-            for key in COLUMNS:
-                if row[key] is not None:
-                    assert run.metrics[method][key] == pytest.approx(row[key], abs=5.01e-5), (name, method, key)
+        dvc_metrics = by_name[name]["data"]["metrics"]
+        methods = [p.removeprefix("metrics/tta/").removesuffix(".json") for p in dvc_metrics if p.startswith("metrics/tta/")]
+        assert set(methods) == set(run.metrics), (name, methods)
+        for method in methods:
+            for short, value in dvc_metrics[f"metrics/tta/{method}.json"]["data"].items():
+                if value is not None:
+                    key = DVC_METRIC_KEYS[short]
+                    assert run.metrics[method][key] == pytest.approx(value, abs=5.01e-5), (name, method, key)
 
     cli = [str(BIN / "ltta"), "compare", "--experiment", EXPERIMENT, "--dvc-exp", "std", "--dvc-exp", "aug"]
     long = _run(cli, project, env)
@@ -214,7 +218,7 @@ def test_compare_reads_a_dvc_exp_grid_as_the_papers_table(project: Path, env: di
     print(long, table, sep="\n")
     assert "| method \\ study | standard (n=1) | augmix (n=1) |" in table
     learned = next(line for line in table.splitlines() if line.startswith("| learned |"))
-    aug = by_name["aug"]["data"]["metrics"]["metrics/eval.json"]["data"]["summary"]["learned"]["mean_corruption_error"]
+    aug = by_name["aug"]["data"]["metrics"]["metrics/tta/learned.json"]["data"]["mce"]
     assert learned.split("|")[3].strip() == f"{aug:.2f}"
     as_json = json.loads(_run([*cli, "--by", "study", "--format", "json"], project, env))
     assert as_json["table"]["learned"]["augmix"]["mean"] == pytest.approx(aug, abs=5.01e-5)

@@ -2,10 +2,13 @@
 
 from ltta.evaluation.metrics import ece, error_rate, mean_corruption_error, nll, relative_mce
 from ltta.evaluation.report import figures_markdown, results_markdown, severity_plot_rows, write_plots
-from ltta.evaluation.runner import CLEAN, EvalRecord, EvalResults, EvalSet, evaluate_methods
+from ltta.evaluation.runner import (
+    CLEAN, DVC_METRIC_KEYS, EvalRecord, EvalResults, EvalSet, evaluate_methods, method_metrics,
+)
 
 __all__ = [
     "CLEAN",
+    "DVC_METRIC_KEYS",
     "EvalRecord",
     "EvalResults",
     "EvalSet",
@@ -14,6 +17,7 @@ __all__ = [
     "evaluate_methods",
     "figures_markdown",
     "mean_corruption_error",
+    "method_metrics",
     "nll",
     "relative_mce",
     "results_markdown",

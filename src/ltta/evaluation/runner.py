@@ -1,8 +1,8 @@
 """Run every TTA method on every evaluation set; hold the tidy records and their summaries.
 
 One record per (method, set): error, NLL, ECE, set size, throughput and cost. Summaries (the
-paper's table row per method) and the DVC metrics JSON are computed from the records only, so a
-saved list of records (``to_records`` / ``from_records``) reproduces every table and plot.
+paper's table row per method), the DVC metrics and the full JSON are computed from the records
+only, so a saved list of records (``to_records`` / ``from_records``) reproduces every table and plot.
 """
 
 from __future__ import annotations
@@ -23,6 +23,21 @@ from ltta.evaluation.metrics import baseline_covers, ece, error_rate, mean_corru
 from ltta.runtime import synchronize
 
 CLEAN = "clean"
+
+# The DVC view of a summary row: short keys that ``dvc metrics show`` prints as columns (one row
+# per method file), taken from the summary's long names (the MLflow keys, which stay as they are).
+# Errors and ECE are percent; ``mce``, ``corr_nll`` and ``corr_ece`` are means over the benchmark
+# corruptions and severities (the clean NLL and ECE are in MLflow and ``reports/eval.json``).
+DVC_METRIC_KEYS: dict[str, str] = {
+    "clean_err": "clean_error",
+    "mce": "mean_corruption_error",
+    "extra_err": "extra_error",
+    "corr_nll": "corruption_nll",
+    "corr_ece": "corruption_ece",
+    "passes": "forward_passes",
+    "seen_err": "seen_error",
+    "unseen_err": "unseen_error",
+}
 
 
 class TTAMethod(Protocol):
@@ -175,6 +190,21 @@ def _round(value: Any, digits: int = 4) -> Any:
     return value
 
 
+def method_metrics(summary: Mapping[str, Mapping[str, float | None]]) -> dict[str, dict[str, float | None]]:
+    """Per method, the few headline figures of :meth:`EvalResults.summary` under
+    :data:`DVC_METRIC_KEYS`' short names.
+
+    The stage writes one file per method (``metrics/tta/<method>.json``), so ``dvc metrics show``
+    prints the paper's table: a row per method, a column per figure, whatever the number of
+    methods. Throughput is left out: it differs between identical runs, and ``dvc metrics diff``
+    should show only what a change did (MLflow keeps it).
+    """
+    return {
+        m: _round({short: row[long] for short, long in DVC_METRIC_KEYS.items() if long in row})
+        for m, row in summary.items()
+    }
+
+
 @dataclass
 class EvalResults:
     """The tidy records of an evaluation, in run order, and the summaries built from them."""
@@ -293,10 +323,11 @@ class EvalResults:
         baseline_method: str | None = None,
         unseen: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """DVC metrics: ``summary`` per method, and ``errors[method][corruption]`` by severity and mean.
+        """The whole evaluation: ``summary`` per method, ``errors[method][corruption]`` by severity
+        and mean, and the set counts (``reports/eval.json``; the headline view is :func:`method_metrics`).
 
-        Only nested dicts of numbers (None where undefined), rounded to 4 decimals, so that
-        ``dvc metrics show/diff`` flattens every leaf to a comparable number.
+        Only nested dicts of numbers (None where undefined), rounded to 4 decimals, so a reader (or
+        ``ltta compare``) gets comparable numbers without re-running.
         """
         default_b, default_e = self.default_groups()
         benchmark = list(default_b if benchmark is None else benchmark)

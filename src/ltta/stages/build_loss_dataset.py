@@ -5,7 +5,8 @@ dataloader.py): train_loss images duplicated, flipped, randomly rotated / zoomed
 corrupted with the benchmark corruptions named in params (held-out families stay out);
 valid_loss images are corrupted the same way but neither deformed nor flipped. Outputs ``data/loss/{train,valid}.npz``
 (``x`` uint8 NHWC, ``y``, ``losses`` float32 [N,C], ``correct`` bool [N,C]) and
-``data/loss/meta.json`` (the candidate names, in column order).
+``data/loss/meta.json`` (the candidate names, in column order), and ``reports/loss_dataset.json``
+(rows, and the identity's and oracle's loss and error per split).
 """
 
 from __future__ import annotations
@@ -104,5 +105,5 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             write_json(out / "meta.json", {"candidates": [c.name for c in candidates], "identity_index": ident})
         metrics = {name: summarize(arrays, ident) for name, arrays in built.items()}
         metrics["candidates"] = len(candidates)
-        write_json(paths.metrics / "loss_dataset.json", metrics)
+        write_json(paths.reports / "loss_dataset.json", metrics)  # a report: sizes and reference losses
         tracking.log_metrics({f"{s}.{k}": v for s in ("train", "valid") for k, v in metrics[s].items()})

@@ -1,8 +1,10 @@
 """Stage evaluate: every TTA method on the clean test set and each corruption x severity.
 
-Outputs: ``metrics/eval.json`` (DVC metrics), ``reports/results.md`` (the paper's table layout),
-``reports/figures/*.png`` and ``plots/eval_severity.csv`` (error by severity per method, wide:
-one column per method, for ``dvc plots``). When some benchmark corruptions were held out of all
+Outputs: ``metrics/tta/<method>.json`` (DVC metrics: one small file per method, so ``dvc metrics
+show`` prints a row per method), ``reports/eval.json`` (everything: each corruption x severity, the
+set counts), ``reports/results.md`` (the paper's table layout), ``reports/figures/*.png`` and
+``plots/eval_severity.csv`` (error by severity per method, wide: one column per method, for
+``dvc plots``). When some benchmark corruptions were held out of all
 training (the unseen-corruption study, ``conf/unseen/``), the table adds the mean error over the
 seen and over the unseen ones.
 """
@@ -23,7 +25,8 @@ from ltta.config import Params
 from ltta.corruptions import BENCHMARK, read_corruption
 from ltta.data import subsample_stratified
 from ltta.evaluation import (
-    CLEAN, EvalSet, evaluate_methods, figures_markdown, results_markdown, severity_plot_rows, write_plots,
+    CLEAN, EvalSet, evaluate_methods, figures_markdown, method_metrics, results_markdown, severity_plot_rows,
+    write_plots,
 )
 from ltta.io import atomic_dir, atomic_path, write_json, write_text
 from ltta.model_io import load_model_source
@@ -102,7 +105,7 @@ def register_tta_model(paths: Paths, params: Params, learned: Any, files: dict[s
     )
     example = to_uint8_nhwc(clean[:2]).astype("float32")
     info = log_tta_model(files["target"], files["predictor"], config, example)
-    tags = tracking.lineage_tags(STAGE, paths.metrics / "eval.json", paths.root)
+    tags = tracking.lineage_tags(STAGE, paths.reports / "eval.json", paths.root)
     for role, name, source in (("target", "ltta-target", sources[0]), ("predictor", "ltta-predictor", sources[1])):
         md5 = tracking.file_md5(files[role])
         tags[f"ltta.{role}_md5"], tags[f"ltta.{role}_source"] = md5, source
@@ -169,7 +172,11 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
             "date": _dt.date.today().isoformat(),
             "git commit": tracking.git_commit()[:12],
         }
-        write_json(paths.metrics / "eval.json", results.to_json(baseline_method=e.baseline, unseen=unseen))
+        summary = results.summary(baseline_method=e.baseline, unseen=unseen)
+        write_json(paths.reports / "eval.json", results.to_json(baseline_method=e.baseline, unseen=unseen))
+        with atomic_dir(paths.metrics / "tta") as tta_dir:
+            for method, row in method_metrics(summary).items():
+                write_json(tta_dir / f"{method}.json", row)
         with atomic_dir(paths.reports / "figures") as fig_dir:
             figures = write_plots(results, fig_dir)
         table = results_markdown(
@@ -177,10 +184,9 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
         )
         write_text(paths.reports / "results.md", table + "\n" + figures_markdown([f.name for f in figures]))
         write_severity_csv(paths.plots / "eval_severity.csv", severity_plot_rows(results), list(e.methods))
-        summary = results.summary(baseline_method=e.baseline, unseen=unseen)
         tracking.log_metrics({f"{m}.{k}": v for m, row in summary.items() for k, v in row.items() if v is not None})
         tracking.log_artifacts(
-            [paths.reports / "results.md", paths.metrics / "eval.json", paths.plots / "eval_severity.csv"]
+            [paths.reports / "results.md", paths.reports / "eval.json", paths.plots / "eval_severity.csv"]
             + [paths.reports / "figures" / f.name for f in figures],
         )
         if "learned" in methods and params.tracking.register_models:

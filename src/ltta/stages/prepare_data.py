@@ -49,7 +49,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         train_loss, valid_loss = loss_predictor_split(y_train, valid_fraction=d.valid_loss_fraction, seed=params.seed)
 
         report_path = paths.reports / "data_validation.json"
-        validation = validate_splits(
+        validate_splits(  # raises (after writing the report) when an expectation fails
             {
                 "train_loss": (x_train[train_loss], y_train[train_loss]),
                 "valid_loss": (x_train[valid_loss], y_train[valid_loss]),
@@ -86,4 +86,3 @@ def run(params: Params, paths: Paths = Paths()) -> None:
 
         tracking.log_metrics({k: v for k, v in meta.items() if isinstance(v, int)})
         tracking.log_artifacts([report_path, paths.prepared / "meta.json"])
-        write_json(paths.metrics / "data.json", {**{k: meta[k] for k in ("n_train", "n_train_loss", "n_valid_loss", "n_test", "num_classes")}, "validation_success": bool(validation.get("success", True))})

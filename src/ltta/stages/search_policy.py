@@ -1,7 +1,7 @@
 """Stage search_policy: Fast AutoAugment density matching (TPE) on a reduced training set.
 
 Outputs: ``policies/faa.json`` (the merged top sub-policies, read by ``evaluate`` as the static
-TTA policy and by ``train_target`` in policy mode), ``metrics/search.json`` and
+TTA policy and by ``train_target`` in policy mode), ``metrics/search.json`` (the best density-matching score; MLflow has the trial count and mean) and
 ``plots/search_trials.csv`` (score by trial and fold, for ``dvc plots``) and
 ``plots/search_scores.png``. In MLflow each (repeat, fold) is a child run of the stage's run with
 its trial scores as steps of the metric ``score``.
@@ -136,7 +136,7 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
             "mean_score": round(sum(scores) / len(scores), 4) if scores else 0.0,
             "subpolicies": len(policy.subpolicies),
         }
-        write_json(paths.metrics / "search.json", metrics)
+        write_json(paths.metrics / "search.json", {"score": metrics["best_score"]})  # DVC's view; MLflow has all
         tracking.log_metrics(metrics)
         log_fold_runs(history)
         figure = write_score_figure(paths.plots / "search_scores.png", rows)

@@ -1,8 +1,10 @@
 """Stage train_predictor: the loss predictor, trained to rank the candidates by the target's loss.
 
 Outputs: ``models/predictor.pt`` (the EMA weights, with the candidate names in column order),
-``metrics/predictor.json`` (Spearman rho and top-1 agreement with the oracle on valid_loss,
-beside the random-ranking baseline and the input-independent prior: each candidate's mean training loss) and ``plots/predictor_curve.csv``. With
+``metrics/predictor.json`` (``rho``: Spearman correlation with the true losses, ``top1``: agreement
+with the oracle's candidate, both on valid_loss) and ``plots/predictor_curve.csv`` (per epoch, beside
+the random-ranking baseline and the input-independent prior: each candidate's mean training loss;
+MLflow has the same as ``final_*``). With
 ``train_predictor.ranker: sodeep`` the SoDeep sorter comes from ``models/sorters/`` and is trained
 there first when missing (:mod:`ltta.stages.train_sorter`).
 """
@@ -73,7 +75,10 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         last = history[-1]
         metrics = {k: round(float(last[f"valid_{k}"]), 4) for k in REPORTED if f"valid_{k}" in last}
         metrics["epochs"] = len(history)
-        write_json(paths.metrics / "predictor.json", metrics)
+        # DVC's view: how well the predictor ranks (Spearman) and picks (top-1 = the oracle's
+        # candidate) on valid_loss; the rest (random and prior references, losses) goes to MLflow.
+        write_json(paths.metrics / "predictor.json", {"rho": metrics["spearman_rho"], "top1": metrics["top1_agreement"]})
+        tracking.log_metrics({f"final_{k}": v for k, v in metrics.items()})
         write_curve(paths.plots / "predictor_curve.csv", history)
         tracking.log_artifacts([paths.plots / "predictor_curve.csv"])
         example = _nchw_uint8(x_valid[:2]).float().div(255.0).numpy()
