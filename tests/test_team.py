@@ -74,6 +74,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Pa
     for key, value in (("core.analytics", "false"), ("hydra.enabled", "true")):
         _run([DVC, "config", key, value], project, env)
     _run([DVC, "remote", "add", "-d", "shared", str(base / "remote")], project, env)
+    shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")  # dvc.yaml's plot templates
     _run(["git", "add", "-A"], project, env)
     _run(["git", "commit", "-q", "-m", "tiny project"], project, env)
     return project
@@ -184,6 +185,115 @@ def test_deployment_runs_the_flow_on_a_worker_and_publishes_the_table(project: P
     assert " COMPLETED " in listing.splitlines()[1] and "evaluate.max_images=60" in listing
     _run(["git", "add", "-A"], project, env)
     _run(["git", "commit", "-q", "-m", "baseline: the deployment's run"], project, env)
+
+
+def _mlflow_rest(uri: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    """One call of the tracking server's REST API, the one its UI pages make."""
+    import urllib.parse
+    import urllib.request
+
+    url = f"{uri}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+# The evaluate run's metric keys per method (MLflow's run page and `ltta compare` read these).
+SUMMARY_KEYS = {"clean_error", "clean_nll", "clean_ece", "mean_corruption_error", "extra_error", "corruption_nll",
+                "corruption_ece", "forward_passes", "images_per_s"}
+OPTIONAL_KEYS = {"mce_vs_baseline", "seen_error", "unseen_error"}  # None (not logged) where undefined
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_pages_show_the_evaluation_under_stable_keys(project: Path, env: dict[str, str]) -> None:
+    """Through the REST API the UI uses: the flow's parent run and its six stage runs, the evaluate
+    run's summary metrics under ``<method>.<key>``, its report, JSON and figures as artifacts."""
+    import urllib.request
+
+    uri = env["MLFLOW_TRACKING_URI"]
+    exp = _mlflow_rest(uri, "experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    runs = _mlflow_rest(uri, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 200})["runs"]
+    tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+    parent = next(rid for rid, t in tags.items() if t.get("ltta.flow") == "ltta-pipeline")
+    children = {t["dvc.stage"]: rid for rid, t in tags.items() if t.get("mlflow.parentRunId") == parent}
+    assert set(children) >= {"prepare_data", "train_target", "build_loss_dataset", "train_predictor",
+                             "search_policy", "evaluate"}, sorted(children)
+
+    run = _mlflow_rest(uri, "runs/get", run_id=children["evaluate"])["run"]
+    methods = yaml.safe_load((project / "params.yaml").read_text())["evaluate"]["methods"]
+    logged: dict[str, set[str]] = {}
+    for metric in run["data"]["metrics"]:
+        method, _, key = metric["key"].partition(".")
+        logged.setdefault(method, set()).add(key)
+    assert set(logged) == set(methods), sorted(logged)
+    for method, keys in logged.items():
+        assert SUMMARY_KEYS <= keys <= SUMMARY_KEYS | OPTIONAL_KEYS, (method, sorted(keys))
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["evaluate.k"] == str(yaml.safe_load((project / "params.yaml").read_text())["evaluate"]["k"])
+
+    listed = _mlflow_rest(uri, "artifacts/list", run_id=children["evaluate"]).get("files", [])
+    names = {f["path"] for f in listed}
+    assert {"results.md", "eval.json", "eval_severity.csv", "error_by_severity.png", "corruption_heatmap.png",
+            "accuracy_vs_cost.png"} <= names, sorted(names)
+    # The file the UI's artifact pane opens is the committed report.
+    url = f"{uri}/get-artifact?path=results.md&run_uuid={children['evaluate']}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.read().decode() == (project / "reports" / "results.md").read_text()
+
+
+@pytest.mark.timeout(600)
+def test_what_a_user_sees_fits_a_terminal_and_every_plot_renders(project: Path, env: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    """`dvc metrics show` fits 120 columns with a row per method; every plot dvc.yaml declares is
+    drawn with its title, axis labels and one series per method or curve (in Chromium if installed)."""
+    from tests import rendering
+
+    shown = _run([DVC, "metrics", "show"], project, {**env, "COLUMNS": "120"})
+    print(shown)
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120, max(map(len, lines))
+    methods = yaml.safe_load((project / "params.yaml").read_text())["evaluate"]["methods"]
+    assert lines[0].split()[0] == "Path"
+    assert {"clean", "mce", "extra", "c_nll", "c_ece", "passes", "test_err", "rho", "top1", "score"} <= set(lines[0].split())
+    assert {line.split()[0] for line in lines[1:]} == (
+        {f"metrics/tta/{m}.json" for m in methods} | {f"metrics/{s}.json" for s in ("target", "predictor", "search")}
+    )
+
+    declared = {k: v for p in yaml.safe_load((project / "dvc.yaml").read_text())["plots"] if isinstance(p, dict)
+                for k, v in p.items()}
+    data = json.loads(_run([DVC, "plots", "show", "--json"], project, env))["data"]
+    specs = {name: data[name][0]["content"] for name in declared}
+    expected: dict[str, list[str]] = {}
+    for name, spec in specs.items():
+        d = declared[name]
+        assert spec["title"]["text"] == d["title"], name
+        (columns,) = d["y"].values()
+        if columns == "${evaluate.methods}":
+            columns = methods  # one line per evaluated method
+        elif isinstance(columns, str):
+            columns = [columns]
+        series = {v.get("field") for v in spec["data"]["values"]}
+        if len(columns) > 1:
+            assert series == set(columns), (name, series)
+        expected[name] = [d["title"], d["x_label"], d["y_label"], *(columns if len(columns) > 1 else [])]
+
+    if rendering.chromium():
+        template = rendering.offline_template(tmp_path / "offline.html")
+        out = tmp_path / "plots"
+        _run([DVC, "plots", "show", "--html-template", str(template), "-o", str(out)], project, env)
+        html = out / "index.html"
+        texts = set(rendering.svg_texts(rendering.rendered_dom(html)))
+        for name, wanted in expected.items():
+            assert set(wanted) <= texts, (name, sorted(set(wanted) - texts))
+        png = rendering.screenshot(html, tmp_path / "plots.png")
+        assert rendering.ink_fraction(png.read_bytes()) > 0.02
+        print(f"rendered in {rendering.chromium()}: {png}")
+    else:
+        print("chromium is not installed (Debian package `chromium`): drawing the specs with vl-convert")
+        for name, (svg, png_bytes) in rendering.render_specs(specs).items():
+            assert set(expected[name]) <= set(rendering.svg_texts(svg)), name
+            assert rendering.ink_fraction(png_bytes) > 0.02, name
 
 
 @pytest.mark.timeout(900)

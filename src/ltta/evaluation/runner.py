@@ -26,17 +26,19 @@ CLEAN = "clean"
 
 # The DVC view of a summary row: short keys that ``dvc metrics show`` prints as columns (one row
 # per method file), taken from the summary's long names (the MLflow keys, which stay as they are).
-# Errors and ECE are percent; ``mce``, ``corr_nll`` and ``corr_ece`` are means over the benchmark
-# corruptions and severities (the clean NLL and ECE are in MLflow and ``reports/eval.json``).
+# ``clean``, ``mce`` (the 15 benchmark corruptions), ``extra`` (the 4 extras), ``seen``/``unseen``
+# (the unseen-corruption study) are top-1 errors in %; ``c_nll`` / ``c_ece`` are NLL (nats) and ECE
+# (%) averaged over the benchmark corruptions like ``mce`` (the clean ones are in MLflow and
+# ``reports/eval.json``). Short, so that the table fits a 120-column terminal.
 DVC_METRIC_KEYS: dict[str, str] = {
-    "clean_err": "clean_error",
+    "clean": "clean_error",
     "mce": "mean_corruption_error",
-    "extra_err": "extra_error",
-    "corr_nll": "corruption_nll",
-    "corr_ece": "corruption_ece",
+    "extra": "extra_error",
+    "c_nll": "corruption_nll",
+    "c_ece": "corruption_ece",
     "passes": "forward_passes",
-    "seen_err": "seen_error",
-    "unseen_err": "unseen_error",
+    "seen": "seen_error",
+    "unseen": "unseen_error",
 }
 
 
