@@ -93,7 +93,10 @@ class LearnedTTAModel(mlflow.pyfunc.PythonModel):
             selection=str(cfg["selection"]), threshold=float(cfg["threshold"]),
         )
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # (MLflow reads hints as a schema)
+    # ``np.ndarray`` is the hint MLflow takes as "no schema from hints": the schema is the explicit
+    # signature logged with the model (uint8 or float NHWC), and the class defines without MLflow's
+    # "add type hints" warning. A richer hint would make MLflow convert and validate inputs itself.
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> dict[str, Any]:
         import torch
 
         x = to_unit_nchw(model_input, self.image_size, str((params or {}).get("scale", "auto")))
