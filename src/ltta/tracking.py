@@ -100,6 +100,9 @@ def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str, tags: M
     """Open an MLflow run for one DVC stage (nested under the pipeline's run when there is one)."""
     import mlflow
 
+    # MLflow draws a bar for every artifact it downloads while logging a model (the input-example
+    # check): a dozen one-item bars per stage in the `dvc repro` log. The stage has its own bar.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)

@@ -21,6 +21,7 @@ from typing import Any
 
 import optuna
 import torch
+from tqdm import tqdm
 
 from ltta import tracking
 from ltta.config import Params
@@ -89,7 +90,12 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
     x, y = to_float_nchw(x_np, device), torch.as_tensor(y_np, device=device)
     kwargs = model_kwargs(t.width, meta)
 
+    # One bar for the stage: the trials (folds x repeats x trials; a resumed search starts it lower
+    # because stored trials are not rerun), with the fold model being trained named beside it.
+    bar = tqdm(total=s.folds * s.repeats * s.trials, desc="search", unit="trial", disable=worker)
+
     def train_fold_model(x_dm: torch.Tensor, y_dm: torch.Tensor, fold: int) -> torch.nn.Module:
+        bar.set_postfix_str(f"training fold {fold} model")
         # FAA trains each fold's model on D_M without the searched augmentation (crop/flip baseline off).
         model = build_model(t.arch, **kwargs).to(device)
         cfg = TrainConfig(
@@ -104,6 +110,8 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
 
     def on_trial(fold: int, trial: int, score: float) -> None:
         rows.append({"fold": fold, "trial": trial, "score": score})
+        bar.set_postfix_str(f"fold {fold} score {score:.3f}")
+        bar.update(1)
         tracking.log_metrics({f"fold{fold}_score": score}, step=trial)
 
     # Fold models are cached beside a SQLite storage (trained once, shared by workers), keyed by what shapes them.
@@ -122,6 +130,7 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
 
     with mlflow_stage(STAGE, params, ("search_policy",)):
         policy, history = search_policy(x, y, spec, on_trial=on_trial, **options)
+        bar.close()
         # Every stored trial (other workers' and earlier runs' too), not only this process's.
         rows = [{"fold": h["fold"], "trial": h["trial"], "score": h["score"]} for h in history]
         save_policy(paths.policy, policy)
