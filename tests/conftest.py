@@ -122,6 +122,30 @@ def tiny_params(**overrides: dict) -> dict:
     return raw
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The six stages run once per session, in process, on :func:`tiny_params`: a workspace that
+    tests read or copy, never change (its MLflow store is ``mlflow.db`` inside it)."""
+    from ltta.config import parse_params
+    from ltta.stages import build_loss_dataset, evaluate, prepare_data, search_policy, train_predictor, train_target
+    from ltta.stages.base import Paths
+
+    root = tmp_path_factory.mktemp("pipeline")
+    raw = tiny_params()
+    params = parse_params(raw)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        for stage in (prepare_data, train_target, build_loss_dataset, train_predictor, search_policy, evaluate):
+            stage.run(params, Paths(root))
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+    return root, raw
+
+
 def make_project(dest: Path, params: dict) -> Path:
     """A DVC project in ``dest`` running the installed ltta: dvc.yaml, the code deps it names, params."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,11 @@ def digits(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     return x.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(d.target[:n]).long()
 
 
+def tiny_mlp() -> nn.Module:
+    """The fold models' architecture (the model cache loads saved state dicts into it)."""
+    return nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
 def train_tiny(x: torch.Tensor, y: torch.Tensor, fold: int) -> nn.Module:
     """A real, deterministic (seeded, one thread) training run: full-batch gradient descent on a tiny MLP.
 
@@ -56,7 +61,7 @@ def train_tiny(x: torch.Tensor, y: torch.Tensor, fold: int) -> nn.Module:
     per worker process). About 90% clean accuracy on held-out digits.
     """
     torch.manual_seed(100 + fold)
-    model = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10))
+    model = tiny_mlp()
     for _ in range(60):
         model.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -84,7 +89,7 @@ def _worker_main(role: str, url: str, cache: str, data: str, sync: str) -> None:
         return random_crop_flip(view, generator)
 
     run_search_worker(x, y, SPEC, train_fn=train_tiny, storage=make_storage(url, **BEAT), model_cache=cache,
-                      on_trial=lambda fold, trial, score: completed.append(trial), post_augment=post_augment,
+                      build_fn=tiny_mlp, on_trial=lambda fold, trial, score: completed.append(trial), post_augment=post_augment,
                       wait=False, poll_interval=0.05, **SEARCH)
 
 
@@ -138,7 +143,8 @@ def test_two_workers_and_a_killed_trial_give_the_single_process_search(tmp_path)
 
     storage = make_storage(url, **BEAT)
     policy, history = search_policy(x, y, SPEC, train_fn=counted_train, storage=storage, model_cache=cache,
-                                    on_trial=lambda f, t, s: seen.append((f, t)), poll_interval=0.05, **SEARCH)
+                                    build_fn=tiny_mlp, on_trial=lambda f, t, s: seen.append((f, t)),
+                                    poll_interval=0.05, **SEARCH)
     assert trained == []  # both fold models came from the workers' cache
     assert len(seen) == 1  # only the killed trial was left
 

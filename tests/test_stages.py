@@ -32,17 +32,13 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Paths, dict]:
-    root = tmp_path_factory.mktemp("project")
+def pipeline_run(tiny_pipeline: tuple[Path, dict]) -> tuple[Paths, dict]:
+    """The session's tiny pipeline; the stages these tests run log to its MLflow store too."""
     import os
 
+    root, raw = tiny_pipeline
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    raw = tiny_params()
-    params = parse_params(raw)
-    paths = Paths(root)
-    for stage in ORDER:
-        stage.run(params, paths)
-    return paths, raw
+    return Paths(root), raw
 
 
 def test_every_stage_writes_its_outputs(pipeline_run: tuple[Paths, dict]) -> None:

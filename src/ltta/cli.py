@@ -8,6 +8,7 @@ stderr and a non-zero exit, without a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -30,6 +31,9 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
 
 #: Commands that may run as several processes under ``torchrun`` (data-parallel training).
 DISTRIBUTED_COMMANDS = frozenset({"train-target"})
+
+#: Write failures of a full or over-quota disk: errno -> what the message calls it.
+DISK_ERRORS: dict[int, str] = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -185,6 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted: {args.command} (rerun resumes from its last checkpoint where it has one)", file=sys.stderr)
         return 130
     except Exception as exc:  # not one of ours: still one line, the traceback on request
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            # Outputs are written to a temporary name and renamed: the failed write left the old ones.
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"error: {args.command}: {DISK_ERRORS[exc.errno]}{where}; free space (or raise the quota) and "
+                  f"rerun: the outputs of the last successful run are unchanged", file=sys.stderr)
+            return EXIT_FAILURE
         if args.debug:
             traceback.print_exc()
         print(f"error: {args.command}: unexpected {type(exc).__name__}: {exc}"

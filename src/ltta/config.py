@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from ltta.corruptions.names import ALL_CORRUPTIONS, EXTRA, FAMILIES
 
@@ -113,6 +113,7 @@ class DataParams(_Section):
     source: Literal["digits", "cifar10", "cifar100", "npz", "folder"] = "digits"
     path: str | None = None  # the .npz file or image folder for source npz / folder
     url: str | None = None  # a mirror of the official archive (CIFAR sources)
+    md5: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{32}$")] | None = None  # the archive's, if not the official
     root: str = "data/raw"  # where downloads are kept
     image_size: PositiveInt = 32
     test_fraction: Fraction = 0.2  # held out as test when the source has no official test split

@@ -107,6 +107,21 @@ def save_torch(path: str | os.PathLike[str], obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def load_error_reason(exc: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` refused a file.
+
+    A file holding pickled objects other than tensors and plain containers (a crafted pickle, or
+    a whole module saved by other code) is refused by torch's restricted unpickler before any of
+    it runs; its many-line message is cut to the global it refused.
+    """
+    text = str(exc)
+    if "Weights only load failed" in text:
+        refused = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        return f"it holds pickled objects, not only tensors; weights_only loading refused it: {refused}"[:240]
+    first = (text.strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:240]
+
+
 def load_torch(path: str | os.PathLike[str], *, what: str, missing_fix: str, redo: str) -> Any:
     """``torch.load`` (weights only, to CPU) of a file this project wrote, naming the file and the fix.
 
@@ -121,7 +136,7 @@ def load_torch(path: str | os.PathLike[str], *, what: str, missing_fix: str, red
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{p} is not a readable {what} file ({exc}); delete it and {redo}.") from exc
+        raise ValueError(f"{p} is not a readable {what} file ({load_error_reason(exc)}); delete it and {redo}.") from exc
 
 
 def load_npz(path: str | os.PathLike[str], required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:

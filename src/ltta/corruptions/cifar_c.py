@@ -109,12 +109,14 @@ def read_corruption(directory: Path, name: str, severity: int | None = None) -> 
     labels = open_npy(label_path, redo=redo)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"{path} must hold uint8 [5N,H,W,3] images, has {images.dtype} {images.shape}; regenerate it")
+    if images.shape[0] == 0:
+        raise ValueError(f"{path} holds no images (an empty corrupted set); {redo}")
     if images.shape[0] % N_SEVERITIES:
-        raise ValueError(f"{path} has {images.shape[0]} rows, not a multiple of 5 severities; regenerate it")
+        raise ValueError(f"{path} has {images.shape[0]} rows, not a multiple of 5 severities; {redo}")
     if labels.shape != (images.shape[0],):
         raise ValueError(
             f"{label_path} has shape {labels.shape} but {path} has {images.shape[0]} images; "
-            "both must come from the same generation run"
+            f"both must come from the same generation run: {redo}"
         )
     if severity is None:
         rows = slice(0, images.shape[0])

@@ -32,8 +32,8 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -219,13 +219,32 @@ CIFAR = {
 }
 
 
+# What an official CIFAR batch may name when unpickled (numpy's array reconstruction, Python 2's
+# bytes codec): a pickle naming anything else is refused before it can run (see _BatchUnpickler).
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles; a crafted one in a mirror's archive would run its code when
+    loaded, so only the globals an array of bytes needs are resolved."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR batch holds (a crafted pickle?)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     """One pickled CIFAR batch (a dict with bytes keys, as the official archives hold)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the extracted archive; delete {path.parent} and rerun")
     try:
         with open(path, "rb") as fh:
-            obj = pickle.load(fh, encoding="bytes")
+            obj = _BatchUnpickler(fh, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path} is not a readable CIFAR batch ({exc}); delete {path.parent} and its archive, and rerun") from None
     if not isinstance(obj, dict):
@@ -261,6 +280,27 @@ def _cifar_url(spec: CifarSpec, url: str | None) -> str:
     return url.rstrip("/") + "/" + spec.archive
 
 
+def _check_members(tar: tarfile.TarFile, archive: Path, folder: str) -> None:
+    """Refuse an archive holding anything but files and folders under ``folder/``.
+
+    The official archives hold nothing else; a member with an absolute path, a ``..``, a link or a
+    device is a crafted (or foreign) archive, refused whole before anything is written (the
+    extraction's ``filter="data"`` would still keep such members inside the target folder).
+    """
+    bad = []
+    for m in tar.getmembers():
+        parts = PurePosixPath(m.name).parts
+        if (m.name.startswith(("/", "\\")) or ".." in parts or not parts or parts[0] != folder
+                or not (m.isfile() or m.isdir())):
+            bad.append(m.name + (f" -> {m.linkname}" if m.issym() or m.islnk() else ""))
+    if bad:
+        raise ValueError(
+            f"{archive} holds {len(bad)} member(s) outside {folder}/ or that are links or devices "
+            f"({', '.join(map(repr, bad[:3]))}): refusing to extract it (nothing was written); delete it and point "
+            f"data.url at the official archive"
+        )
+
+
 def _extract(archive: Path, root: Path, spec: CifarSpec) -> Path:
     """Extract ``archive`` into ``root/<folder>`` atomically, checking that every expected file came out."""
     folder = root / spec.folder
@@ -271,6 +311,7 @@ def _extract(archive: Path, root: Path, spec: CifarSpec) -> Path:
     try:
         try:
             with tarfile.open(archive, "r:gz") as tar:
+                _check_members(tar, archive, spec.folder)
                 tar.extractall(tmp, filter="data")  # 'data' refuses absolute paths, links out, devices
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise ValueError(f"{archive} could not be extracted ({exc}); delete it and rerun to download again") from None

@@ -7,6 +7,10 @@ the saved file. A claim is kept alive by touching the lock file every ``beat`` s
 model trains; a lock not touched for ``stale_after`` seconds, or held by a process on this host
 that no longer exists, belongs to a killed worker and is taken over.
 
+A saved model is its ``state_dict`` only, loaded with ``weights_only=True`` into a module made by
+the caller's ``build`` (the architecture and its arguments): the cache sits on shared storage that
+other users and machines write to, so unpickling whole modules from it would run their code.
+
 Waiting on a live claim (rather than every worker training every fold) is what lets N workers
 train N folds at once. The rare race when two workers take over the same stale lock only costs
 a duplicate training: the model files are written atomically and keyed by everything that
@@ -22,14 +26,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ltta.io import save_torch
+from ltta.io import load_error_reason, save_torch
 
 
 def data_digest(*tensors: torch.Tensor | np.ndarray) -> str:
@@ -56,13 +60,18 @@ class FoldModelCache:
     """Fold models under ``directory``, named ``fold{f}-{key}.pt``.
 
     ``key`` must change whenever the trained model would (training settings, data, fold
-    split); :func:`data_digest` and the caller's parameter hash make it.
+    split); :func:`data_digest` and the caller's parameter hash make it. ``build()`` returns an
+    untrained module of the fold models' architecture, the one a saved state dict is loaded into.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, stale_after: float = 120.0, beat: float = 5.0) -> None:
+    def __init__(self, directory: str | os.PathLike[str], build: Callable[[], nn.Module], *,
+                 stale_after: float = 120.0, beat: float = 5.0) -> None:
+        if not callable(build):
+            raise TypeError(f"build must be a function returning the fold models' module, got {build!r}")
         if not 0 < beat < stale_after:
             raise ValueError(f"need 0 < beat < stale_after, got beat={beat}, stale_after={stale_after}")
         self.directory = Path(directory)
+        self.build = build
         self.stale_after = stale_after
         self.beat = beat
         self._me = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -75,14 +84,21 @@ class FoldModelCache:
         path = self.path(fold, key)
         if not path.exists():
             return None
-        try:  # a whole pickled module, written by this class: weights_only cannot rebuild it
-            model = torch.load(path, map_location=device, weights_only=False)
-        except Exception as exc:
-            raise RuntimeError(f"cached fold model {path} is unreadable ({exc}); delete it to retrain") from exc
+        try:
+            saved = torch.load(path, map_location=device, weights_only=True)
+            if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
+                raise ValueError("not a fold-model file (no state_dict)")
+            model = self.build().to(device)
+            model.load_state_dict(saved["state_dict"])
+        except Exception as exc:  # a crafted pickle fails in weights_only's unpickler, before any of its code runs
+            raise RuntimeError(f"cached fold model {path} is unreadable or not a state dict ({load_error_reason(exc)}); "
+                               "delete it to retrain the fold model") from exc
         return model.eval()
 
     def save(self, fold: int, key: str, model: nn.Module) -> None:
-        save_torch(self.path(fold, key), model)
+        """Save ``model``'s weights and buffers (atomically: a killed save leaves no file)."""
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_torch(self.path(fold, key), {"state_dict": state})
 
     def _lock_is_stale(self, lock: Path) -> bool:
         try:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -95,6 +96,7 @@ def run_search_worker(
     study_name: str = "ltta-faa",
     post_augment: Augment | None = random_crop_flip,
     model_cache: str | os.PathLike[str] | FoldModelCache | None = None,
+    build_fn: Callable[[], nn.Module] | None = None,
     cache_key: str = "",
     wait: bool = True,
     poll_interval: float = 1.0,
@@ -103,7 +105,9 @@ def run_search_worker(
 
     Arguments as :func:`search_policy`, plus: ``model_cache``, a folder (or a
     :class:`FoldModelCache`) where fold models are shared between workers, keyed by
-    ``cache_key`` (a hash of the training settings; the fold's data is added to it), and
+    ``cache_key`` (a hash of the training settings; the fold's data is added to it) and
+    holding state dicts that are loaded into ``build_fn()`` (an untrained module of the
+    architecture ``train_fn`` trains; required with a folder), and
     ``wait``: whether to stay until every study is complete (waiting for other workers'
     running trials and retrying those of dead ones) or return once nothing is left to start.
     """
@@ -120,7 +124,13 @@ def run_search_worker(
         for fold in range(num_folds)
         for repeat in range(repeats)
     }
-    cache = FoldModelCache(model_cache) if isinstance(model_cache, (str, os.PathLike)) else model_cache
+    if isinstance(model_cache, (str, os.PathLike)):
+        if build_fn is None:
+            raise ValueError("model_cache needs build_fn: a function returning an untrained module of the fold "
+                             "models' architecture (the cache stores state dicts, never pickled modules)")
+        cache: FoldModelCache | None = FoldModelCache(model_cache, build_fn)
+    else:
+        cache = model_cache
     splits = fold_splits(y, num_folds, spec.fold_ratio, seed)
     models: dict[int, nn.Module] = {}
 
@@ -195,7 +205,7 @@ def search_policy(
 
     ``spec`` fixes K, B, T and the policy's shape; ``options`` are :func:`run_search_worker`'s
     keywords (``device``, ``on_trial``, ``storage``, ``study_name``, ``post_augment``,
-    ``model_cache``, ``cache_key``, ``poll_interval``), described here.
+    ``model_cache``, ``build_fn``, ``cache_key``, ``poll_interval``), described here.
 
     ``train_fn(x_dm, y_dm, fold)`` trains and returns a model on a fold's D_M (taking images in
     [0,1]); it is called only for folds whose studies still lack trials, so a resumed search with
@@ -203,7 +213,8 @@ def search_policy(
     ``storage`` (an RDB URL, made shareable by :func:`ltta.search.storage.make_storage`; None: in
     memory). Other processes running :func:`run_search_worker` on the same storage share the
     trials; this one waits for them and merges. With ``model_cache`` (a folder) fold models are
-    saved there and reused, by other workers and by a resumed search. ``on_trial(fold,
+    saved there (state dicts, loaded into ``build_fn()``) and reused, by other workers and by a
+    resumed search. ``on_trial(fold,
     trial_number, score)`` reports each trial completed in this process.
 
     Returns the final policy (``meta`` records the settings and per-fold scores) and the history

@@ -135,7 +135,26 @@ def run(params: Params, paths: Paths = Paths()) -> None:
                 f"evaluate: method 'prior' needs the candidates' mean training losses, which {predictor_src} "
                 "does not hold (it predates them); rerun `ltta train-predictor` (or `dvc repro train_predictor`)"
             )
+        _check_predictor_candidates(pextra, params.loss_dataset.candidates, predictor_src)
         _evaluate(params, paths, meta_data, device, target, predictor, pextra, files, (str(target_src), str(predictor_src)))
+
+
+def _check_predictor_candidates(pextra: dict[str, Any], configured: str | list[str], source: object) -> None:
+    """The predictor scores the candidates of the loss dataset it was trained on, column by column:
+    a predictor trained on another list (a stale file, another run's registered model) would rank
+    the wrong transforms, so the two lists must be the same, in the same order."""
+    if "candidates" not in pextra:
+        return
+    theirs, ours = list(pextra["candidates"]), [c.name for c in build_candidates(configured)]
+    if theirs != ours:
+        differ = next(i for i in range(max(len(theirs), len(ours)))
+                      if i >= len(theirs) or i >= len(ours) or theirs[i] != ours[i])
+        raise ValueError(
+            f"{source} was trained on {len(theirs)} candidates but loss_dataset.candidates gives {len(ours)} "
+            f"(first difference at column {differ}: {theirs[differ] if differ < len(theirs) else None!r} vs "
+            f"{ours[differ] if differ < len(ours) else None!r}); retrain it on this loss dataset (dvc repro "
+            f"train_predictor) or set loss_dataset.candidates to its list"
+        )
 
 
 def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: torch.device, target: torch.nn.Module,

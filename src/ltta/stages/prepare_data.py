@@ -40,6 +40,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             root=Path(d.root),
             path=Path(d.path) if d.path else None,
             url=d.url,
+            md5=d.md5,
             image_size=d.image_size,
             test_fraction=d.test_fraction,
             seed=params.seed,

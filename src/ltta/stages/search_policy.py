@@ -94,10 +94,17 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
     # because stored trials are not rerun), with the fold model being trained named beside it.
     bar = tqdm(total=s.folds * s.repeats * s.trials, desc="search", unit="trial", disable=worker)
 
+    def build_fold_model() -> torch.nn.Module:
+        """An untrained fold model, laid out as training leaves it (a cached state dict loads into it)."""
+        model = build_model(t.arch, **kwargs).to(device)
+        if t.channels_last and device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        return model
+
     def train_fold_model(x_dm: torch.Tensor, y_dm: torch.Tensor, fold: int) -> torch.nn.Module:
         bar.set_postfix_str(f"training fold {fold} model")
         # FAA trains each fold's model on D_M without the searched augmentation (crop/flip baseline off).
-        model = build_model(t.arch, **kwargs).to(device)
+        model = build_fold_model()
         cfg = TrainConfig(
             epochs=s.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
             augment="none", amp=t.amp, channels_last=t.channels_last, seed=params.seed + fold,
@@ -121,7 +128,7 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
     spec = SearchSpec(num_folds=s.folds, fold_ratio=s.fold_ratio, num_trials=s.trials, num_policies=s.policies,
                       num_ops=s.ops, top_n=s.top_n, repeats=s.repeats, seed=params.seed)
     options = dict(train_fn=train_fold_model, device=device, storage=s.storage,
-                   model_cache=default_model_cache(s.storage), cache_key=cache_key)
+                   model_cache=default_model_cache(s.storage), build_fn=build_fold_model, cache_key=cache_key)
     if worker:  # no outputs, no MLflow run: the plain command merges and records everything
         ran: list[int] = []
         run_search_worker(x, y, spec, on_trial=lambda fold, trial, score: ran.append(trial), wait=False, **options)

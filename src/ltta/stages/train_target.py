@@ -32,7 +32,7 @@ from ltta.runtime import seed_everything, to_float_nchw
 from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.inputs import labelled_images, prepared_meta
 from ltta.training.distributed import DistContext, distributed_session
-from ltta.training.target import TrainConfig, evaluate_classifier, train_classifier
+from ltta.training.target import RESUMABLE_CHANGES, TrainConfig, evaluate_classifier, train_classifier
 from ltta.transforms.policy import CompiledPolicy, load_policy
 
 STAGE = "train_target"
@@ -109,8 +109,10 @@ def _run(params: Params, paths: Paths, proc: DistContext) -> None:
     kwargs = model_kwargs(p.width, meta)
     policy = load_policy(paths.root / p.policy) if p.mode == "policy" else None
     policy_digest = hashlib.sha256((paths.root / p.policy).read_bytes()).hexdigest() if policy is not None else None
+    # The checkpoint's name leaves out what a resume may change (the lr, lowered after a divergence).
+    named = {k: v for k, v in p.model_dump().items() if k not in RESUMABLE_CHANGES}
     fingerprint = hashlib.sha256(
-        json.dumps([p.model_dump(), kwargs, params.seed, policy_digest], sort_keys=True, default=str).encode()
+        json.dumps([named, kwargs, params.seed, policy_digest], sort_keys=True, default=str).encode()
     ).hexdigest()[:12]
     ckpt = paths.checkpoints / f"target-{fingerprint}.pt"
 

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ltta.corruptions import ALL_CORRUPTIONS, random_corruptions
-from ltta.io import save_torch
+from ltta.io import load_error_reason, save_torch
 from ltta.models.layers import Normalize
 from ltta.registry import Registry
 from ltta.runtime import make_generator
@@ -208,6 +209,9 @@ CHECKPOINT_FORMAT = 1
 PREPARE_CHUNK = 8192
 # Settings that change nothing the optimiser sees, so a run may resume under different values.
 _NOT_FINGERPRINTED = frozenset({"eval_batch_size", "compile", "compile_mode"})
+# Settings a resumed run may change on purpose: a run that diverged resumes from its last good
+# epoch with a lower peak lr (the schedule keeps its shape and position, rescaled to the new peak).
+RESUMABLE_CHANGES = frozenset({"lr"})
 #: torch.compile modes offered by TrainConfig.compile_mode.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -522,22 +526,21 @@ def _fingerprint(
 def _load_checkpoint(path: Path, expected: dict[str, Any], device: torch.device) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file
-        reason = (str(exc).splitlines() or [""])[0][:160]
+    except Exception as exc:  # truncated, foreign or crafted file
         raise CheckpointMismatchError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {reason}); delete it to train from scratch."
+            f"checkpoint {path} cannot be read ({load_error_reason(exc)}); delete it to train from scratch."
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointMismatchError(
             f"{path} is not a checkpoint of this trainer (format {CHECKPOINT_FORMAT}); delete it to train from scratch."
         )
     stored = ckpt["fingerprint"]
-    if stored != expected:
-        diffs = [
-            f"{k}: checkpoint {stored.get(k)!r} vs now {expected.get(k)!r}"
-            for k in sorted(set(stored) | set(expected))
-            if stored.get(k) != expected.get(k)
-        ]
+    diffs = [
+        f"{k}: checkpoint {stored.get(k)!r} vs now {expected.get(k)!r}"
+        for k in sorted(set(stored) | set(expected))
+        if stored.get(k) != expected.get(k) and k not in RESUMABLE_CHANGES
+    ]
+    if diffs:
         raise CheckpointMismatchError(
             f"checkpoint {path} was written by a run with different settings or data ({'; '.join(diffs)}). "
             f"Delete it to start this run from scratch, or restore the original settings to resume it."
@@ -699,6 +702,14 @@ def train_classifier(
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt["fingerprint"].get("lr") != cfg.lr:  # resuming with another peak lr (after a divergence)
+                scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+                factor = warmup_cosine_factor(scheduler.last_epoch, total_steps, warmup_steps, min_ratio)
+                for group in optimizer.param_groups:
+                    group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor
+                if shard.is_main:
+                    print(f"resuming {ckpt_path} after epoch {ckpt['epoch']} with lr {cfg.lr} "
+                          f"(it was written with lr {ckpt['fingerprint'].get('lr')})", file=sys.stderr)
             _set_rng_state(ckpt["rng"], device, generator)
             history = list(ckpt["history"])
             start_epoch = int(ckpt["epoch"]) + 1
@@ -851,8 +862,8 @@ def _train_epoch(
         raise RuntimeError(
             f"training diverged: non-finite loss ({float(step_losses[first])}) at epoch {epoch}, step {first + 1} of "
             f"{steps} (lr {cfg.lr}). Lower the learning rate (lr; in params.yaml train_target.lr, which the policy "
-            f"search's fold models use too) or lengthen the warmup (warmup_epochs); the last checkpoint, if any, "
-            f"holds the previous epoch."
+            f"search's fold models use too) or lengthen the warmup (warmup_epochs) and rerun: the last checkpoint, if "
+            f"any, holds the previous epoch, and a rerun with a lower lr resumes from it."
         )
     seconds = time.perf_counter() - t0  # the reads above synchronised the device
     images = steps * batch_size

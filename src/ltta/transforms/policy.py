@@ -148,7 +148,10 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         doc = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{p} is not valid JSON ({exc}); delete it and rerun the search_policy stage.") from exc
-    return policy_from_dict(doc, source=str(p))
+    try:
+        return policy_from_dict(doc, source=str(p))
+    except ValueError as exc:  # a hand-edited or foreign file: say how to get a valid one back
+        raise ValueError(f"{exc}; fix that entry, or delete {p} and rerun the search_policy stage.") from None
 
 
 def remove_duplicate_subpolicies(subpolicies: Iterable[Sequence[OpSpec]]) -> list[SubPolicy]:
