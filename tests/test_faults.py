@@ -26,8 +26,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -587,3 +590,69 @@ def test_the_fold_model_cache_holds_state_dicts_and_refuses_a_crafted_pickle(tmp
     torch.save({"weights": 1}, cache.path(2, "k"))
     with pytest.raises(RuntimeError, match="not a fold-model file"):
         cache.load(2, "k", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- two runs at once
+
+BIN = Path(sys.executable).parent
+
+
+def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            out = proc.communicate()[0] if proc.poll() is not None else ""
+            raise AssertionError(f"never saw {what} (exit {proc.poll()}):\n{out[-3000:]}")
+        time.sleep(0.05)
+
+
+def test_a_second_run_of_a_stage_is_refused_while_the_first_finishes_intact(workspace: Path) -> None:
+    """Two `ltta train-target` in one workspace: the second exits 1 naming the first's pid; the first
+    is unaffected and its model loads."""
+    from ltta.model_io import load_model_file
+
+    (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_params(train_target={"epochs": 4}), sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"}
+    lock = workspace / "checkpoints" / ".locks" / "train-target.lock"
+    first = subprocess.Popen([str(BIN / "ltta"), "train-target"], cwd=workspace, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: lock.is_file() and f"pid {first.pid}," in lock.read_text(), first, "the first run's lock")
+        second = subprocess.run([str(BIN / "ltta"), "train-target"], cwd=workspace, env=env, text=True,
+                                capture_output=True, timeout=120)
+        assert second.returncode == 1, second.stderr
+        assert re.search(rf"another `ltta train-target` \(pid {first.pid}, since .*\) is running in this workspace; "
+                         r"wait for it", second.stderr), second.stderr
+        out = first.communicate(timeout=300)[0]
+    finally:
+        first.kill()
+    assert first.returncode == 0, out[-3000:]
+    model, extra = load_model_file(workspace / "models" / "target.pt")
+    assert extra and json.loads((workspace / "metrics" / "target.json").read_text())
+    third = subprocess.run([str(BIN / "ltta"), "check-params"], cwd=workspace, env=env, capture_output=True, timeout=60)
+    assert third.returncode == 0  # the lock went with its holder
+
+
+def test_a_second_dvc_repro_is_refused_and_corrupts_nothing(tmp_path: Path) -> None:
+    """Two `dvc repro` in one workspace: DVC's lock refuses the second with its message; the first
+    completes and `dvc status` is clean after it."""
+    from tests.conftest import make_project
+
+    project = make_project(tmp_path / "project", tiny_params())
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    first = subprocess.Popen([str(BIN / "dvc"), "repro", "prepare_data"], cwd=project, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        lock = project / "checkpoints" / ".locks" / "prepare-data.lock"
+        _wait_for(lock.is_file, first, "prepare-data running under dvc repro")
+        second = subprocess.run([str(BIN / "dvc"), "repro", "prepare_data"], cwd=project, env=env, text=True,
+                                capture_output=True, timeout=120)
+        out = first.communicate(timeout=300)[0]
+    finally:
+        first.kill()
+    assert second.returncode != 0
+    assert re.search(r"lock|busy", second.stderr + second.stdout, re.I), second.stderr
+    assert first.returncode == 0, out[-3000:]
+    status = subprocess.run([str(BIN / "dvc"), "status", "prepare_data"], cwd=project, env=env, text=True,
+                            capture_output=True, timeout=120)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr

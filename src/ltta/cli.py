@@ -8,6 +8,7 @@ stderr and a non-zero exit, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ltta.config import ParamsError, load_params
+from ltta.locking import stage_lock
 
 # command -> (module under ltta.stages, help). The module's ``run(params)`` does the work.
 STAGE_COMMANDS: dict[str, tuple[str, str]] = {
@@ -177,7 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         module = importlib.import_module(f"ltta.stages.{STAGE_COMMANDS[args.command][0]}")
-        module.run(params, **({"worker": True} if getattr(args, "worker", False) else {}))
+        worker = getattr(args, "worker", False)
+        # Search workers run side by side by design, and torchrun's ranks share one run: rank 0 locks.
+        locked = not worker and os.environ.get("RANK", "0") == "0"
+        with stage_lock(args.command) if locked else contextlib.nullcontext():
+            module.run(params, **({"worker": True} if worker else {}))
         return 0
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
