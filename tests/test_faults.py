@@ -592,7 +592,7 @@ def test_the_fold_model_cache_holds_state_dicts_and_refuses_a_crafted_pickle(tmp
         cache.load(2, "k", torch.device("cpu"))
 
 
-# ---------------------------------------------------------------- two runs at once
+# ---------------------------------------------------------------- two runs at once (slow: .ci/run runs them)
 
 BIN = Path(sys.executable).parent
 
@@ -606,6 +606,7 @@ def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, what: str, 
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_run_of_a_stage_is_refused_while_the_first_finishes_intact(workspace: Path) -> None:
     """Two `ltta train-target` in one workspace: the second exits 1 naming the first's pid; the first
     is unaffected and its model loads."""
@@ -633,6 +634,7 @@ def test_a_second_run_of_a_stage_is_refused_while_the_first_finishes_intact(work
     assert third.returncode == 0  # the lock went with its holder
 
 
+@pytest.mark.slow
 def test_a_second_dvc_repro_is_refused_and_corrupts_nothing(tmp_path: Path) -> None:
     """Two `dvc repro` in one workspace: DVC's lock refuses the second with its message; the first
     completes and `dvc status` is clean after it."""

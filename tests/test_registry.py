@@ -270,3 +270,23 @@ def test_the_deployable_model_rebuilds_from_the_registry_in_process(store: tuple
     sig = model.metadata.signature
     assert sig.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 32, 32, 3)
     assert {o["name"] for o in sig.outputs.to_dict()} == {"probabilities", "label", "candidates"}
+
+
+@pytest.mark.timeout(300)
+def test_the_served_model_takes_a_burst_of_concurrent_requests_without_an_error_or_a_wrong_answer(
+        store: tuple[Paths, str], served: str) -> None:
+    """32 requests of 4 images, 8 at a time, against the served champion: every answer 200 and equal to
+    the in-process model's; latencies are recorded by benchmarks/serving_load.py, not judged here."""
+    import mlflow
+    import mlflow.pyfunc
+
+    from tests.test_benchmarks import load_script
+
+    paths, uri = store
+    mlflow.set_tracking_uri(uri)
+    load = load_script("serving_load")
+    model = mlflow.pyfunc.load_model("models:/ltta-tta@champion")
+    images = np.load(paths.prepared / "test.npz")["x"]
+    row = load.run_load(served, model, images, requests=32, concurrency=8, batch=4)
+    assert row["errors"] == 0 and row["wrong"] == 0, row
+    assert row["requests"] == 32 and row["p99_ms"] >= row["p50_ms"] > 0

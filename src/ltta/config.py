@@ -304,6 +304,10 @@ class EvaluateParams(_Section):
 class TrackingParams(_Section):
     experiment: str = "ltta"
     register_models: bool = True
+    # An HTTP tracking server that is down, slow or failing is retried with exponential backoff for
+    # about this long (before a stage's run opens, and by each MLflow request in it), then the stage fails.
+    retry_seconds: Annotated[float, Field(ge=0.0)] = 120.0
+    request_timeout: Annotated[float, Field(gt=0.0)] = 30.0  # seconds one request to the server may take
 
 
 class PromoteParams(_Section):

@@ -10,7 +10,9 @@ logs to the real project; ``MLFLOW_TRACKING_URI`` overrides it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -42,19 +44,83 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{project_root(root) / 'mlflow.db'}"
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, with the fix, when an HTTP tracking server does not answer (MLflow itself retries for minutes)."""
+class TrackingServerError(RuntimeError):
+    """The HTTP tracking server did not answer, or failed, for longer than the stage retries."""
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause: the HTTP status, a timeout or the connection error, on one line."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    status = re.search(r"too many (\d{3}) error responses|HTTP (?:status code|response)[: ]+(\d{3})|status (\d{3})", text)
+    if status:
+        return f"HTTP {next(g for g in status.groups() if g)}"
+    if "timed out" in text.lower() or isinstance(exc, TimeoutError):
+        return "timed out"
+    return text[:160]
+
+
+def check_reachable(uri: str, retry_seconds: float = 0.0, request_timeout: float = 5.0) -> None:
+    """Wait, with exponential backoff, up to ``retry_seconds`` for an HTTP tracking server's /health
+    to answer 200; then fail naming the URI, the last cause and the fix. Nothing is logged
+    elsewhere meanwhile: a local store in place of the team's server would split its runs."""
     if not uri.startswith(("http://", "https://")):
         return
+    deadline = time.monotonic() + retry_seconds
+    pause, attempts = 0.5, 0
+    while True:
+        attempts += 1
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=request_timeout) as resp:
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except (OSError, urllib.error.URLError) as exc:
+            last = _reason(exc)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(pause, left))
+        pause *= 2
+    waited = f"retried for {retry_seconds:g} s ({attempts} attempts, tracking.retry_seconds)" if retry_seconds else "no retries"
+    raise TrackingServerError(
+        f"MLflow tracking server {uri} is unreachable ({last}; {waited}). Start it (mlflow server ...) or wait until "
+        "it is back, then rerun; or unset MLFLOW_TRACKING_URI to log to the local SQLite store"
+    )
+
+
+def bound_mlflow_retries(retry_seconds: float, request_timeout: float) -> None:
+    """Make MLflow's own HTTP retries (urllib3 backoff 1, 2, 4 ... s) fit in ``retry_seconds``:
+    by default it retries 7 times with a 120 s timeout, minutes before a stage could fail."""
+    retries = max(1, int(math.log2(retry_seconds + 1))) if retry_seconds > 0 else 0
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0.5"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(request_timeout)))
+
+
+@contextlib.contextmanager
+def server_errors_named(uri: str, stage: str) -> Iterator[None]:
+    """Turn MLflow's failures to reach an HTTP server mid-stage into one error naming the URI."""
+    if not uri.startswith(("http://", "https://")):
+        yield
+        return
+    import requests
+    from mlflow.exceptions import MlflowException
+
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
-            if resp.status != 200:
-                raise OSError(f"status {resp.status}")
-    except (OSError, urllib.error.URLError) as exc:
-        raise RuntimeError(
-            f"MLflow tracking server {uri} is unreachable ({exc}). Start it (mlflow server ...), "
-            "or unset MLFLOW_TRACKING_URI to log to the local SQLite store."
-        ) from None
+        yield
+    except (MlflowException, requests.RequestException) as exc:
+        # Only a failure to talk to the server (MLflow wraps those as "API request to ... failed");
+        # a rejected request (a bad metric name, say) is the stage's own error and passes as it is.
+        if isinstance(exc, MlflowException) and "API request to" not in str(exc):
+            raise
+        raise TrackingServerError(
+            f"MLflow tracking server {uri} failed while {stage} logged its run ({_reason(exc)}, after MLflow's "
+            "retries within tracking.retry_seconds); with the server back, rerun: DVC reruns the stage (its finished "
+            "outputs are rewritten, a trained target resumes from its last checkpoint)"
+        ) from exc
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -96,17 +162,32 @@ def open_experiment(uri: str, experiment: str) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """Open an MLflow run for one DVC stage (nested under the pipeline's run when there is one)."""
+def stage_run(stage: str, params: Mapping[str, Any], *, experiment: str, tags: Mapping[str, str] | None = None,
+              retry_seconds: float = 0.0, request_timeout: float = 5.0) -> Iterator[Any]:
+    """Open an MLflow run for one DVC stage (nested under the pipeline's run when there is one).
+
+    An HTTP server that is down, slow or failing is retried for ``retry_seconds`` (before the
+    run opens, and by MLflow's own requests during it); then the stage fails naming the URI.
+    """
     import mlflow
 
     # MLflow draws a bar for every artifact it downloads while logging a model (the input-example
     # check): a dozen one-item bars per stage in the `dvc repro` log. The stage has its own bar.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    open_experiment(uri, experiment)
+    check_reachable(uri, retry_seconds, request_timeout)
+    bound_mlflow_retries(retry_seconds, request_timeout)
+    with server_errors_named(uri, stage):
+        mlflow.set_tracking_uri(uri)
+        open_experiment(uri, experiment)
+        with _run(stage, params, tags) as run:
+            yield run
+
+
+@contextlib.contextmanager
+def _run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None) -> Iterator[Any]:
+    import mlflow
+
     parent = os.environ.get(PARENT_RUN_ENV)
     all_tags = {
         "ltta.stage": stage,

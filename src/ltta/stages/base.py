@@ -82,5 +82,7 @@ def mlflow_stage(stage: str, params: Params, sections: tuple[str, ...]) -> Itera
     tags = {"ltta.profile": params.profile, "ltta.study": params.study, "ltta.unseen": params.unseen}
     if os.environ.get(DVC_EXP_ENV):
         tags["ltta.dvc_exp"] = os.environ[DVC_EXP_ENV]
-    with tracking.stage_run(stage, logged, experiment=params.tracking.experiment, tags=tags) as run:
+    t = params.tracking
+    with tracking.stage_run(stage, logged, experiment=t.experiment, tags=tags, retry_seconds=t.retry_seconds,
+                            request_timeout=t.request_timeout) as run:
         yield run

@@ -116,6 +116,8 @@ def _run(params: Params, paths: Paths, proc: DistContext) -> None:
     ).hexdigest()[:12]
     ckpt = paths.checkpoints / f"target-{fingerprint}.pt"
 
+    # The checkpoint goes only once the MLflow run has closed: a tracking server failing at the end
+    # makes the stage fail, and the rerun then resumes after the last epoch instead of training again.
     with mlflow_stage(STAGE, params, ("train_target",)) if proc.is_main else contextlib.nullcontext():
         model = build_model(p.arch, **kwargs).to(device)
         x_tr, y_tr = to_float_nchw(x_train, device), torch.as_tensor(y_train, device=device)
@@ -145,4 +147,4 @@ def _run(params: Params, paths: Paths, proc: DistContext) -> None:
         tracking.log_and_register_model(
             model, "ltta-target", x_te[:2].cpu().numpy(), register_as=lineage, model_file=paths.target
         )
-        ckpt.unlink(missing_ok=True)  # the finished model is the artifact; the checkpoint only served resumption
+    ckpt.unlink(missing_ok=True)  # the finished model is the artifact; the checkpoint only served resumption
