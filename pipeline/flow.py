@@ -159,7 +159,7 @@ def promote_models(project_dir: str) -> str:
 
 def mlflow_run_link(uri: str, experiment_id: str, run_id: str) -> str:
     """Where the MLflow UI shows a run: a URL on a tracking server, else how to open the local store."""
-    if uri.startswith(("http://", "https://")):
+    if tracking.is_server(uri):
         return f"[{run_id}]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
     return f"`{run_id}` (local store: `mlflow ui --backend-store-uri {uri}`)"
 

@@ -146,6 +146,14 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
     return root, raw
 
 
+def copy_workspace(root: Path, dest: Path, *leave_out: str) -> Path:
+    """A copy of a finished workspace (``tiny_pipeline``'s) at ``dest``, without its checkpoints and
+    ``leave_out``, plus the policy files train_target's policy mode reads."""
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("checkpoints", *leave_out))
+    shutil.copytree(ROOT / "conf" / "policies", dest / "conf" / "policies")
+    return dest
+
+
 def make_project(dest: Path, params: dict) -> Path:
     """A DVC project in ``dest`` running the installed ltta: dvc.yaml, the code deps it names, params."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from ltta import cli
-from tests.conftest import ROOT, tiny_params
+from tests.conftest import ROOT, copy_workspace, tiny_params
 
 Inject = Callable[[Path, "Served"], None]
 
@@ -454,10 +454,7 @@ def run_command(command: str, ws: Path, capsys: pytest.CaptureFixture[str]) -> t
 @pytest.fixture
 def workspace(tiny_pipeline: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the session's pipeline workspace whose MLflow store is its own."""
-    root, _ = tiny_pipeline
-    ws = tmp_path / "ws"
-    shutil.copytree(root, ws, ignore=shutil.ignore_patterns("checkpoints"))
-    shutil.copytree(ROOT / "conf" / "policies", ws / "conf" / "policies")
+    ws = copy_workspace(tiny_pipeline[0], tmp_path / "ws")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")
     return ws
 

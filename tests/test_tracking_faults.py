@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import http.client
 import http.server
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import pytest
 import yaml
 
 from ltta import cli
-from tests.conftest import ROOT, free_port, tiny_params
+from tests.conftest import copy_workspace, free_port, tiny_params
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
               "content-length", "host"}
@@ -111,11 +110,8 @@ def proxy(mlflow_server: str) -> Iterator[_Proxy]:
 
 @pytest.fixture
 def workspace(tiny_pipeline: tuple[Path, dict], tmp_path: Path) -> Path:
-    root, _ = tiny_pipeline
-    ws = tmp_path / "ws"
-    shutil.copytree(root, ws, ignore=shutil.ignore_patterns("checkpoints", "mlflow.db", "mlruns"))
-    shutil.copytree(ROOT / "conf" / "policies", ws / "conf" / "policies")
-    return ws
+    """A copy of the session's pipeline workspace without its MLflow store (the tests log to a server)."""
+    return copy_workspace(tiny_pipeline[0], tmp_path / "ws", "mlflow.db", "mlruns")
 
 
 def _params(ws: Path, **tracking: float) -> None:

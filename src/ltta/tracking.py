@@ -44,6 +44,11 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{project_root(root) / 'mlflow.db'}"
 
 
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` names an HTTP tracking server (else a local store: SQLite, a folder)."""
+    return uri.startswith(("http://", "https://"))
+
+
 class TrackingServerError(RuntimeError):
     """The HTTP tracking server did not answer, or failed, for longer than the stage retries."""
 
@@ -65,7 +70,7 @@ def check_reachable(uri: str, retry_seconds: float = 0.0, request_timeout: float
     """Wait, with exponential backoff, up to ``retry_seconds`` for an HTTP tracking server's /health
     to answer 200; then fail naming the URI, the last cause and the fix. Nothing is logged
     elsewhere meanwhile: a local store in place of the team's server would split its runs."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return
     deadline = time.monotonic() + retry_seconds
     pause, attempts = 0.5, 0
@@ -103,7 +108,7 @@ def bound_mlflow_retries(retry_seconds: float, request_timeout: float) -> None:
 @contextlib.contextmanager
 def server_errors_named(uri: str, stage: str) -> Iterator[None]:
     """Turn MLflow's failures to reach an HTTP server mid-stage into one error naming the URI."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         yield
         return
     import requests

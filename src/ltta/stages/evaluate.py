@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import itertools
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -147,12 +148,11 @@ def _check_predictor_candidates(pextra: dict[str, Any], configured: str | list[s
         return
     theirs, ours = list(pextra["candidates"]), [c.name for c in build_candidates(configured)]
     if theirs != ours:
-        differ = next(i for i in range(max(len(theirs), len(ours)))
-                      if i >= len(theirs) or i >= len(ours) or theirs[i] != ours[i])
+        column, (their, our) = next((i, pair) for i, pair in enumerate(itertools.zip_longest(theirs, ours))
+                                    if pair[0] != pair[1])
         raise ValueError(
             f"{source} was trained on {len(theirs)} candidates but loss_dataset.candidates gives {len(ours)} "
-            f"(first difference at column {differ}: {theirs[differ] if differ < len(theirs) else None!r} vs "
-            f"{ours[differ] if differ < len(ours) else None!r}); retrain it on this loss dataset (dvc repro "
+            f"(first difference at column {column}: {their!r} vs {our!r}); retrain it on this loss dataset (dvc repro "
             f"train_predictor) or set loss_dataset.candidates to its list"
         )
 
