@@ -116,6 +116,15 @@ def _predict(method: Any, x: torch.Tensor, y: torch.Tensor, with_labels: bool, b
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+def _mean_passes(rows: Sequence[EvalRecord]) -> float:
+    """Passes per image over a method's sets: its one cost, or where the cost depends on the images
+    (a selection that abstains), the mean over every image evaluated."""
+    costs = {r.forward_passes for r in rows}
+    if len(costs) == 1:
+        return rows[0].forward_passes
+    return sum(r.forward_passes * r.n for r in rows) / sum(r.n for r in rows)
+
+
 def evaluate_methods(
     methods: Mapping[str, TTAMethod],
     sets: Iterable[EvalSet],
@@ -294,7 +303,7 @@ class EvalResults:
                 "mce_vs_baseline": mce_rel,
                 "corruption_nll": mean_corruption_error(nll_t, benchmark) if benchmark else None,
                 "corruption_ece": mean_corruption_error(ece_t, benchmark) if benchmark else None,
-                "forward_passes": rows[0].forward_passes,
+                "forward_passes": _mean_passes(rows),
                 # Aggregate throughput over every set: total images / total seconds.
                 "images_per_s": sum(r.n for r in rows) / total_s,
             }

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ltta.registry import Registry
+from ltta.tta.listwise import softmin_cross_entropy
 from ltta.tta.ranking import RANKERS, Ranker, build_ranker, sodeep_style_rank_mse, spearman_loss, spearman_rho
 from ltta.tta.scoring import as_float_images, predictor_scores
 
@@ -106,11 +107,16 @@ def _spearman_objective(logits: torch.Tensor, losses: torch.Tensor, cfg: Predict
     return spearman_loss(logits, -losses, ranker)
 
 
+def _listwise_objective(logits: torch.Tensor, losses: torch.Tensor, cfg: PredictorConfig, ranker: Ranker) -> torch.Tensor:
+    return softmin_cross_entropy(logits, losses, cfg.tau)  # no ranker: ListNet's top-one probabilities
+
+
 # (logits, losses, cfg, ranker) -> loss
 Objective = Callable[[torch.Tensor, torch.Tensor, "PredictorConfig", Ranker], torch.Tensor]
 OBJECTIVES: Registry[Objective] = Registry("predictor objective")
 OBJECTIVES.add("sodeep_style", _sodeep_objective)
 OBJECTIVES.add("spearman", _spearman_objective)
+OBJECTIVES.add("listwise", _listwise_objective)  # ltta.tta.listwise: top-heavy, not in the paper
 
 
 @dataclass
@@ -126,7 +132,7 @@ class PredictorConfig:
     # pairwise_sigmoid's temperature / soft_rank's regularisation strength, on the scale of the ranked
     # scores: ~0.01 on softmax outputs (sodeep_style), ~0.1-1 on logits (spearman); unused by sodeep
     rank_temperature: float = 0.01
-    objective: str = "sodeep_style"  # or "spearman" (1 - rho on soft ranks of the raw outputs)
+    objective: str = "sodeep_style"  # or "spearman" (1 - rho on soft ranks of the raw outputs), "listwise"
     ranker: str = "pairwise_sigmoid"  # or "soft_rank", "sodeep" (needs a trained sorter: train_predictor(sorter=))
     t_easy: float = 0.05  # sodeep_style: squared rank errors up to this are masked (sodeep.py)
     optimizer: str = "rmsprop_tf"  # or "adam", "sgd"

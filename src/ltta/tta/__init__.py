@@ -8,6 +8,9 @@
 - :mod:`~ltta.tta.scoring`: running the predictor, the flip ensemble of its scores
 - :mod:`~ltta.tta.methods`: ``TTA_METHODS`` and ``build_method`` (none, flip, crops, random,
   policy, learned, prior, oracle), and ``SELECTIONS``, how ``learned`` picks its k views
+- :mod:`~ltta.tta.target_features`, :mod:`~ltta.tta.learned_features`: the choice made from the
+  target's own features (``learned_features``); :mod:`~ltta.tta.abstain`: the ``abstain``
+  selection and its validated margin; :mod:`~ltta.tta.listwise`: the ``listwise`` objective
 """
 
 from ltta.tta.candidates import (
@@ -24,6 +27,7 @@ from ltta.tta.candidates import (
 )
 from ltta.tta.loss_dataset import candidate_losses, copies_per_image, predictor_training_inputs
 from ltta.tta.methods import SELECTIONS, TTA_METHODS, MethodContext, TTAMethod, build_method, flops_per_image
+from ltta.tta import learned_features  # registers "learned_features" (after the registry exists)
 from ltta.tta.ranking import (
     RANKERS,
     build_ranker,
@@ -55,6 +59,7 @@ __all__ = [
     "copies_per_image",
     "exact_rank",
     "flip_ensemble_probs",
+    "learned_features",
     "flops_per_image",
     "identity_index",
     "mirror_permutation",

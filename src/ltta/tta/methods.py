@@ -32,6 +32,7 @@ import ltta.transforms.functional as TF
 from ltta.registry import Registry
 from ltta.runtime import make_generator
 from ltta.training.target import predict_proba
+from ltta.tta.abstain import select_abstain
 from ltta.tta.candidates import Candidate, build_candidates, grouped_views
 from ltta.tta.scoring import eval_mode, flip_ensemble_probs, module_device
 
@@ -53,7 +54,7 @@ class MethodContext:
     crop_margin: int = 4
     image_size: int = 32
     selection: str = "topk"  # learned: how scores become k candidates (SELECTIONS)
-    threshold: float = 0.0  # learned, selection "eval_l2t": fall back to identity below threshold x its score
+    threshold: float = 0.0  # learned: "eval_l2t"'s fallback ratio to identity, "abstain"'s margin (ltta.tta.abstain)
 
 
 class TTAMethod(ABC):
@@ -68,6 +69,9 @@ class TTAMethod(ABC):
             raise ValueError(f"batch_size must be >= 1, got {ctx.batch_size}")
         if ctx.k < 1:
             raise ValueError(f"k must be >= 1, got {ctx.k}")
+        self.identity_index = next((i for i, c in enumerate(ctx.candidates) if c.is_identity), -1)  # -1: none
+        self.views_made = 0  # views rendered and scored by _average_selected since the last predict()
+        self.images_seen = 0
 
     @property
     @abstractmethod
@@ -106,8 +110,13 @@ class TTAMethod(ABC):
             xc = x[start : start + chunk].to(self.ctx.device)
             yield xc, (None if y is None else y[start : start + chunk].to(self.ctx.device))
 
+    def mean_views(self) -> float | None:
+        """Views made per image by :meth:`_average_selected` since the last :meth:`predict` (None: none yet)."""
+        return self.views_made / self.images_seen if self.images_seen else None
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        self.views_made = self.images_seen = 0  # forward_passes of data-dependent methods: this call's
         return torch.cat([self._predict_chunk(xc, yc).float().to(x.device) for xc, yc in self._chunks(x, y)])
 
     # -- per-image choices ---------------------------------------------------------------
@@ -122,7 +131,9 @@ class TTAMethod(ABC):
         for first, last, part in _row_slices(sizes, self.ctx.batch_size):
             yield first, self._probs(grouped_views(x, self.ctx.candidates, image_index[first:last], part))
 
-    def _average_selected(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    def _average_selected(
+        self, x: torch.Tensor, sel: torch.Tensor, identity_probs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mean of the target's softmax over the candidates ``sel`` [N,k] of each image.
 
         The N x k views are sorted by candidate (stable), made by :func:`grouped_views` and scored
@@ -130,19 +141,41 @@ class TTAMethod(ABC):
         replacement) is scored twice. Each batch's rows are put back in ``sel``'s layout (unique
         indices) and the k views are summed in slot order, so the result is deterministic on CUDA
         too (an ``index_add_`` accumulation is not).
+
+        A slot of -1 is no view: the image's mean is over its other slots (an abstaining
+        selection keeps identity alone). With ``identity_probs`` [N,K] (the identity view's
+        softmax, already computed), slots choosing identity take it instead of a new pass. Every
+        call adds the views it made to :attr:`views_made` (per image: :meth:`mean_views`), the
+        exact cost of data-dependent selections.
         """
         n, k = sel.shape
         flat = sel.reshape(-1)
-        order = torch.sort(flat, stable=True).indices  # flat slot of each view, views grouped by candidate
+        made = flat >= 0
+        if identity_probs is not None:
+            made &= flat != self.identity_index
+        slots = made.nonzero().squeeze(1)
+        order = slots[torch.sort(flat[slots], stable=True).indices]  # flat slot of each view, grouped by candidate
         image_index = order // k
-        sizes = torch.bincount(flat, minlength=len(self.ctx.candidates)).tolist()  # the chunk's one host sync
+        sizes = torch.bincount(flat[slots], minlength=len(self.ctx.candidates)).tolist()  # the chunk's one host sync
         per_slot: torch.Tensor | None = None
         for first, probs in self._scored_rows(x, image_index, sizes):
             if per_slot is None:
-                per_slot = torch.empty(n * k, probs.shape[1], device=probs.device)
+                per_slot = x.new_zeros(n * k, probs.shape[1], dtype=probs.dtype, device=probs.device)
             per_slot[order[first : first + probs.shape[0]].to(probs.device)] = probs
-        assert per_slot is not None
-        return _mean_in_order(per_slot.view(n, k, -1).transpose(0, 1))
+        if identity_probs is not None:
+            if per_slot is None:
+                per_slot = identity_probs.new_zeros(n * k, identity_probs.shape[1])
+            reused = (flat == self.identity_index).nonzero().squeeze(1)
+            per_slot[reused] = identity_probs[reused // k].to(per_slot.dtype)
+        if per_slot is None:
+            raise ValueError("the selection chose no view for any image (every slot is -1)")
+        self.views_made += len(order)
+        self.images_seen += n
+        count = (sel >= 0).sum(1, keepdim=True)
+        if bool((count == 0).any()):
+            raise ValueError("the selection chose no view for some image (a row of -1 slots)")
+        total = _sum_in_order(per_slot.view(n, k, -1).transpose(0, 1))
+        return total / k if bool((count == k).all()) else total / count
 
     def _all_candidate_probs(self, x: torch.Tensor) -> torch.Tensor:
         """The target's softmax [N,C,K] under every candidate, scored in full batches across candidates."""
@@ -152,13 +185,18 @@ class TTAMethod(ABC):
         return torch.cat(parts).view(c_count, n, -1).transpose(0, 1)
 
 
-def _mean_in_order(per_view: torch.Tensor) -> torch.Tensor:
-    """Mean over the first axis of [V,N,K], summed view by view as a running sum would: the same
-    values however the views were batched, and on CUDA the same on every run (no atomics)."""
+def _sum_in_order(per_view: torch.Tensor) -> torch.Tensor:
+    """Sum over the first axis of [V,N,K], view by view as a running sum would: the same values
+    however the views were batched, and on CUDA the same on every run (no atomics)."""
     acc = per_view[0]
     for v in range(1, per_view.shape[0]):
         acc = acc + per_view[v]
-    return acc / per_view.shape[0]
+    return acc
+
+
+def _mean_in_order(per_view: torch.Tensor) -> torch.Tensor:
+    """Mean over the first axis of [V,N,K]: :func:`_sum_in_order` over V."""
+    return _sum_in_order(per_view) / per_view.shape[0]
 
 
 def _row_slices(sizes: Sequence[int], budget: int) -> Iterator[tuple[int, int, list[int]]]:
@@ -362,6 +400,7 @@ def select_eval_l2t(scores: torch.Tensor, k: int, identity: int, threshold: floa
 SELECTIONS: Registry[Callable[[torch.Tensor, int, int, float], torch.Tensor]] = Registry("learned selection")
 SELECTIONS.add("topk", select_topk)
 SELECTIONS.add("eval_l2t", select_eval_l2t)
+SELECTIONS.add("abstain", select_abstain)  # ltta.tta.abstain: identity alone below a validated margin
 
 
 @TTA_METHODS.register("learned")
@@ -385,19 +424,21 @@ class LearnedTTA(TTAMethod):
         self.select = SELECTIONS.get(ctx.selection)
         if not ctx.threshold >= 0.0:
             raise ValueError(f"threshold must be >= 0 (a multiple of identity's score), got {ctx.threshold}")
-        self.identity = next((i for i, c in enumerate(ctx.candidates) if c.is_identity), -1)  # -1: the set has none
-        self.select(torch.zeros(1, len(ctx.candidates)), ctx.k, self.identity, ctx.threshold)  # bad settings fail here
+        self.select(torch.zeros(1, len(ctx.candidates)), ctx.k, self.identity_index, ctx.threshold)  # bad settings fail here
         target_flops = flops_per_image(ctx.target, ctx.image_size)
         self.predictor_cost = flops_per_image(ctx.predictor, ctx.image_size) / max(target_flops, 1)
 
     @property
     def forward_passes(self) -> float:
-        return self.ctx.k + 2.0 * self.predictor_cost
+        """k views (fewer where the selection abstains: the views the last predict() made) + the
+        predictor on the image and its flip."""
+        views = self.mean_views()
+        return (self.ctx.k if views is None else views) + 2.0 * self.predictor_cost
 
     def selection(self, x: torch.Tensor) -> torch.Tensor:
         """The chosen candidate indices [N,k], in the order they were picked."""
         scores = flip_ensemble_probs(self.ctx.predictor, x, self.ctx.candidates, self.ctx.batch_size)
-        return self.select(scores, self.ctx.k, self.identity, self.ctx.threshold).to(x.device)
+        return self.select(scores, self.ctx.k, self.identity_index, self.ctx.threshold).to(x.device)
 
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self._average_selected(x, self.selection(x))
