@@ -122,7 +122,7 @@ def prepare(args: argparse.Namespace, device: torch.device, data: dict[str, Any]
     model, tables, info = load_or_build(ns, device, data)
     cands = tables["candidates"]
     key = f"{args.arch}_{mode}_{args.epochs}ep"
-    out: dict[str, Any] = {"model": model, "tables": tables, "info": info}
+    out: dict[str, Any] = {"model": model, "tables": tables, "info": info, "cache": args.cache, "key": key, "mode": mode}
     out["test"] = _cached(args.cache / f"test_tables_{key}.pt",
                           lambda: test_tables(model, data, cands, args.severities), "test tables")
     seeds = args.trunk_seeds[:1] if phase == "a" else args.trunk_seeds
@@ -136,7 +136,8 @@ def prepare(args: argparse.Namespace, device: torch.device, data: dict[str, Any]
             "scores": _cached(args.cache / f"trunk_scores_{key}_s{seed}.pt",
                               lambda: trunk_scores(pred, data, cands, args.severities), f"trunk s{seed} test scores"),
         }
-    if phase == "b" and args.extra_copies:
+    needs_extra = mode in args.curve_modes and any(parse_head(h).copies > DUPLICATION for h in args.curve)
+    if phase == "b" and args.extra_copies and needs_extra:
         out["extra"] = _cached(args.cache / f"extra_copies_{key}_{args.extra_copies}.pt",
                                lambda: extra_copies(model, data, tables, args.extra_copies), "extra copies")
     return out
@@ -151,7 +152,7 @@ class HeadSetting:
 
     name: str
     objective: str = "listwise"
-    tau: float = 0.1
+    tau: float = 1.0
     hidden: int = 128
     copies: int = 3  # duplicates of each train_loss image (x 2 flips): 3 is the loss dataset's
     epochs: int = 30
@@ -160,8 +161,11 @@ class HeadSetting:
 
 HEADS = {
     "head_listwise": HeadSetting("head_listwise"),
-    "head_sodeep": HeadSetting("head_sodeep", objective="sodeep_style", tau=1.0),
+    "head_sodeep": HeadSetting("head_sodeep", objective="sodeep_style"),
 }
+#: One setting changed at a time from head_listwise, seed 0, on --curve-modes: the learning curve
+#: over loss-dataset rows (copies of each image, x 2 flips) and head width, and a sharper target.
+CURVE = ["c1:copies=1", "c2:copies=2", "c8:copies=8", "h32:hidden=32", "h512:hidden=512", "tau01:tau=0.1"]
 
 
 def feature_rows(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -188,17 +192,35 @@ def training_rows(prep: dict[str, Any], copies: int) -> tuple[torch.Tensor, torc
     return torch.cat([rows, prep["extra_rows"][:more]]), torch.cat([losses, prep["extra"]["losses"][:more]])
 
 
-def train_head(prep: dict[str, Any], setting: HeadSetting, seed: int) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
-    x, losses = training_rows(prep, setting.copies)
+def valid_rows(prep: dict[str, Any]) -> torch.Tensor:
+    """The head's inputs for the valid_loss rows (computed once)."""
     if "valid_rows" not in prep:
         prep["valid_rows"] = feature_rows(prep["model"], prep["tables"]["x_valid"])
+    return prep["valid_rows"]
+
+
+def train_head(prep: dict[str, Any], setting: HeadSetting, seed: int) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
+    """A feature head (cached by its target, setting and seed)."""
+    fields = dataclasses.asdict(setting)
+    fields.pop("name")
+    path = prep["cache"] / ("head_" + prep["key"] + "_" + "_".join(f"{k}{v}" for k, v in fields.items()) + f"_s{seed}.pt")
+    if path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=False)  # our own cache
+        return blob["head"], blob["history"], blob["seconds"]
+    head, hist, secs = _train_head(prep, setting, seed)
+    _save(path, {"head": head, "history": hist, "seconds": secs})
+    return head, hist, secs
+
+
+def _train_head(prep: dict[str, Any], setting: HeadSetting, seed: int) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
+    x, losses = training_rows(prep, setting.copies)
     cfg = PredictorConfig(epochs=setting.epochs, batch_size=128, lr=setting.lr, objective=setting.objective,
                           tau=setting.tau, cutout=0.0, seed=seed)
     d, k = prep["test"]["sets"][CLEAN]["features"].shape[1], prep["test"]["sets"][CLEAN]["logits"].shape[1]
     torch.manual_seed(seed)
     head = build_model("feature_head", features=d, classes=k, num_outputs=losses.shape[1], hidden=setting.hidden)
     t0 = time.perf_counter()
-    head, hist = train_predictor(head, x, losses, prep["valid_rows"], prep["tables"]["losses_valid"], cfg,
+    head, hist = train_predictor(head, x, losses, valid_rows(prep), prep["tables"]["losses_valid"], cfg,
                                  device="cpu", identity_index=identity_index(prep["tables"]["candidates"]), progress=False)
     return head, hist, time.perf_counter() - t0
 
@@ -280,6 +302,12 @@ def family_of(label: str) -> str:
     return next(f for f, members in FAMILIES.items() if name in members)
 
 
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Pearson correlation; None where one side is constant (the prior's predicted gain)."""
+    r = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    return None if r != r else r
+
+
 def diagnose(prep: dict[str, Any], scores: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
     """Per family (and clean): oracle gain recovered by the top-1, help/harm of top-k, top-of-ranking hits, calibration."""
     y = prep["test"]["labels"]
@@ -325,7 +353,7 @@ def diagnose(prep: dict[str, Any], scores: dict[str, torch.Tensor], k: int) -> d
             "help": float(c["help"].mean()), "harm": float(c["harm"].mean()),
             "calibration": [{"pred_gain": float(c["pred_gain"][b].mean()), "true_gain": float(c["true_gain"][b].mean()),
                              "p_top1": float(c["p_top1"][b].mean()), "top1_hit": float(c["hit"][b].mean())} for b in bins],
-            "gain_corr": float(torch.corrcoef(torch.stack([c["pred_gain"], c["true_gain"]]))[0, 1]),
+            "gain_corr": _corr(c["pred_gain"], c["true_gain"]),
         }
     return out
 
@@ -346,12 +374,15 @@ def scorers_for(prep: dict[str, Any], args: argparse.Namespace) -> tuple[dict[st
         scorers[f"trunk_s{seed}"] = {"scores": tr["scores"], "cost": 2.0 * flops_per_image(pred, 32) / tflops,
                                      "reuse_identity": False, "margin": choose_margin(valid, tables["losses_valid"], ident)}
         facts[f"trunk_s{seed}"] = {"seconds": tr["seconds"], **{k: v for k, v in tr["history"][-1].items() if k.startswith("valid_")}}
-    for hname in args.heads:
+    runs = [(h, args.head_seeds) for h in args.heads]
+    if prep["mode"] in args.curve_modes:
+        runs += [(h, args.head_seeds[:1]) for h in args.curve]
+    for hname, seeds in runs:
         setting = HEADS[hname] if hname in HEADS else parse_head(hname)
-        for seed in args.head_seeds:
+        for seed in seeds:
             head, hist, secs = train_head(prep, setting, seed)
-            valid = predictor_scores(head, prep["valid_rows"]).softmax(1)
-            d = prep["valid_rows"].shape[1]
+            valid = predictor_scores(head, valid_rows(prep)).softmax(1)
+            d = valid_rows(prep).shape[1]
             scorers[f"{setting.name}_s{seed}"] = {
                 "scores": head_scores(head, prep), "cost": head_flops(head, d) / tflops, "reuse_identity": True,
                 "margin": choose_margin(valid, tables["losses_valid"], ident), "head": head}
@@ -431,21 +462,109 @@ def analyse(args: argparse.Namespace, device: torch.device, data: dict[str, Any]
         diag = {name: diagnose(prep, sc["scores"], args.k) for name, sc in scorers.items() if name.endswith("_s0")}
         diag["prior"] = diagnose(prep, {lab: prior_scores(prep["tables"]["losses_train"]).softmax(0).expand(t["probs"].shape[0], -1)
                                         for lab, t in prep["test"]["sets"].items()}, args.k)
-        best = min((n for n in summary if n.startswith("head") and n.endswith("/abstain")), key=lambda n: summary[n]["mce"], default=None)
+        best = min((n for n in summary if n.split("/")[0] in args.heads and n.endswith("/abstain")),
+                   key=lambda n: summary[n]["mce"], default=None)
         check = None
         if best is not None and args.check:
             s0 = f"{best.split('/')[0]}_s{args.head_seeds[0]}"
             check = check_against_method(prep, scorers[s0]["head"], scorers[s0]["margin"]["margin"], args.k, rows[f"{s0}/abstain"])
         report["modes"][mode] = {
-            "target": prep["info"], "facts": facts, "margins": {n: sc["margin"] for n, sc in scorers.items()},
+            "best_abstain": best, "target": prep["info"], "facts": facts, "margins": {n: sc["margin"] for n, sc in scorers.items()},
             "summary": {n: {k: v for k, v in r.items() if k != "per_set"} for n, r in summary.items()},
             "runs": {n: {k: v for k, v in r.items() if k != "per_set"} for n, r in rows.items()},
             "per_set": {n: r["per_set"] for n, r in rows.items()},
             "diagnosis": diag, "check": check,
         }
-        write_json(args.out_dir / "learned_choice.json", report)
+        one = {**{k: v for k, v in report.items() if k != "modes"}, "mode": mode, **report["modes"][mode]}
+        write_json(args.out_dir / f"learned_choice_{mode}.json", one)
+        write_markdown(args.out_dir / f"learned_choice_{mode}.md", one, args)
         print_mode(mode, report["modes"][mode])
     return report
+
+
+def _pm(stat: dict[str, Any], key: str) -> str:
+    return f"{stat[key]:.2f} ± {stat[key + '_std']:.2f}" if stat.get(key + "_runs") and len(stat[key + "_runs"]) > 1 else f"{stat[key]:.2f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def write_markdown(path: Path, r: dict[str, Any], args: argparse.Namespace) -> None:
+    """The mode's tables: methods, diagnosis per family, calibration, learning curve."""
+    t = r["target"]
+    lines = [f"# Does the learned choice earn its cost? {r['arch']} target, mode {r['mode']} (dev sample, CPU)", "",
+             f"Target: {r['epochs']} epochs, clean test error {100 * t['clean_error']:.2f}%. k = {r['k']}. "
+             f"Errors in % on the 623 held-out images; corr. = mean over the 15 benchmark corruptions x 5 severities; "
+             f"± = sample std over seeds ({', '.join(map(str, r['head_seeds']))}) of the predictor (the target is fixed); "
+             "passes = target forward passes per image, predictors counted by their FLOPs.", "",
+             "| method | clean | corr. (15) | corr. NLL | passes |", "|---|---|---|---|---|"]
+    names = {"none": "none", "prior": "prior (fixed top-k)", "oracle": "oracle (per-image best k, needs labels)"}
+    for name, st in r["summary"].items():
+        base, _, sel = name.partition("/")
+        if base not in (*names, *args.heads) and not base.startswith("trunk"):
+            continue
+        label = names.get(name) or (f"learned (paper's trunk predictor, s{base[7:]})" if base.startswith("trunk") and sel == "topk"
+                                    else f"{base} + {sel}")
+        lines.append(f"| {label} | {_pm(st, 'clean')} | {_pm(st, 'mce')} | {st['c_nll']:.3f} | {_pm(st, 'passes')} |")
+    lines += ["", "`head_*`: issue 22's `learned_features` (a head on the frozen target's pooled features and logits); "
+              "`/topk` its k best, `/abstain` identity alone unless the predicted gain exceeds the margin chosen on "
+              "valid_loss. `head_listwise` is trained with the listwise objective (softmin CE, tau 1), `head_sodeep` "
+              "with the paper's SoDeep-style objective.", ""]
+    if r.get("check"):
+        c = r["check"]
+        lines += [f"Check: `{r['best_abstain']}` seed {r['head_seeds'][0]} re-run through the registered "
+                  f"`learned_features` + `abstain` on every set: corr. {c['method_mce']:.2f} (tables {c['offline_mce']:.2f}), "
+                  f"passes {c['method_passes']:.3f} (tables {c['offline_passes']:.3f}), largest per-set error difference "
+                  f"{c['max_error_diff']:.3f} points.", ""]
+    fams = [CLEAN, *FAMILIES.keys() - {"extra"}]
+    lines += ["## Diagnosis (seed 0): what the top-1 recovers of the oracle's gain, per family", "",
+              "loss / error rec. = (identity - top-1 pick) / (identity - oracle's pick), in mean loss and in error; "
+              "top-k rec. the same for the top-k average's error; hit = top-1 is the oracle's; in top-k = the oracle's "
+              "candidate is among the k picked; help / harm = top-k right where identity is wrong / wrong where identity "
+              "is right; 1-right k-wrong = top-1 view right but the k-average wrong; corr = Pearson of predicted vs "
+              "realised gain of the top-1 over identity.", "",
+              "| scorer | family | loss rec. | error rec. | top-k rec. | hit | in top-k | help | harm | 1-right k-wrong | corr |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for scorer, d in r["diagnosis"].items():
+        for fam in fams:
+            if fam not in d:
+                continue
+            f = d[fam]
+            corr = "-" if f["gain_corr"] is None else f"{f['gain_corr']:.2f}"
+            lines.append(f"| {scorer} | {fam} | {_pct(f['loss_recovered'])} | {_pct(f['error_recovered'])} | "
+                         f"{_pct(f['topk_error_recovered'])} | {f['top1_hit']:.3f} | {f['oracle_in_topk']:.3f} | "
+                         f"{100 * f['help']:.1f} | {100 * f['harm']:.1f} | {100 * f['top1_right_topk_wrong']:.1f} | {corr} |")
+    lines += ["", "## Calibration of the scores (seed 0, all corrupted sets): quintiles of the predicted gain", "",
+              "| scorer | quintile | predicted gain | realised loss gain | top-1 score | top-1 hit rate |", "|---|---|---|---|---|---|"]
+    for scorer, d in r["diagnosis"].items():
+        if scorer == "prior":
+            continue
+        cal = _pooled_calibration(d)
+        for i, b in enumerate(cal):
+            lines.append(f"| {scorer} | {i + 1} | {b['pred_gain']:.3f} | {b['true_gain']:.3f} | {b['p_top1']:.3f} | {b['top1_hit']:.3f} |")
+    curve = [n for n in r["summary"] if n.split("/")[0] in {c.split(':')[0] for c in args.curve} | {"head_listwise"}]
+    if any(n.split("/")[0] != "head_listwise" for n in curve):
+        lines += ["", "## Learning curve and width (head_listwise, seed 0 unless pooled)", "",
+                  "| setting | valid rho | valid chosen loss | topk clean | topk corr. | abstain clean | abstain corr. | abstain passes |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name in ["head_listwise", *(c.split(":")[0] for c in args.curve)]:
+            tk, ab = r["summary"].get(f"{name}/topk"), r["summary"].get(f"{name}/abstain")
+            fact = r["facts"].get(f"{name}_s{r['head_seeds'][0]}")
+            if tk is None or ab is None or fact is None:
+                continue
+            spec = next((c for c in args.curve if c.split(":")[0] == name), "copies=3, hidden=128, tau=1 (base)")
+            lines.append(f"| {name} ({spec.partition(':')[2] or spec}) | {fact['valid_spearman_rho']:.3f} | "
+                         f"{fact['valid_chosen_loss']:.3f} | {_pm(tk, 'clean')} | {_pm(tk, 'mce')} | {_pm(ab, 'clean')} | "
+                         f"{_pm(ab, 'mce')} | {_pm(ab, 'passes')} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _pooled_calibration(d: dict[str, Any]) -> list[dict[str, float]]:
+    """Calibration quintiles averaged over the four corruption families (each family's quintiles are equal-sized)."""
+    fams = [f for f in ("noise", "blur", "weather", "digital") if f in d]
+    return [{k: sum(d[f]["calibration"][i][k] for f in fams) / len(fams) for k in d[fams[0]]["calibration"][i]}
+            for i in range(len(d[fams[0]]["calibration"]))]
 
 
 def print_mode(mode: str, r: dict[str, Any]) -> None:
@@ -465,11 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--test-fraction", type=float, default=0.15)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
-    ap.add_argument("--trunk-seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--trunk-seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--head-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--extra-copies", type=int, default=5, help="copies beyond the 3 of the loss dataset (learning curve to 8)")
     ap.add_argument("--heads", nargs="+", default=["head_listwise", "head_sodeep"],
                     help="feature-head settings: a name of HEADS or NAME:KEY=VALUE,... (hidden, copies, objective, tau, epochs, lr)")
+    ap.add_argument("--curve", nargs="*", default=CURVE, help="head settings trained at the first seed on --curve-modes")
+    ap.add_argument("--curve-modes", nargs="*", default=["standard"])
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip re-running the best variant through the registered method")
     ap.add_argument("--prepare-only", action="store_true", help="build the cached targets, tables and trunk predictors, then stop")
@@ -484,10 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     args.cache.mkdir(parents=True, exist_ok=True)
     data = load_sample(args.data, args.test_fraction, device)
-    for phase in ("a", "b"):
-        for mode in args.modes:
-            prepare(args, device, data, mode, phase)
     if args.prepare_only:
+        for phase in ("a", "b"):
+            for mode in args.modes:
+                prepare(args, device, data, mode, phase)
         return 0
     args.out_dir.mkdir(parents=True, exist_ok=True)
     analyse(args, device, data)

@@ -12,11 +12,13 @@ from ltta.evaluation import CLEAN, EvalSet, evaluate_methods
 from ltta.models import build_model
 from ltta.models.small_cnn import SmallCNN
 from ltta.training.predictor import OBJECTIVES, PredictorConfig, train_predictor
-from ltta.tta import build_candidates, build_method
+from ltta.tta import build_method
 from ltta.tta.abstain import choose_margin, predicted_gain, select_abstain
 from ltta.tta.listwise import softmin_cross_entropy
 from ltta.tta.target_features import target_features
-from tests.test_tta import target  # noqa: F401  the trained colour-channel target, a module fixture
+from tests import test_tta
+
+target = test_tta.target  # the trained colour-channel target (a module fixture), shared
 
 
 @pytest.fixture(scope="module")

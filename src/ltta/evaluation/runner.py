@@ -158,6 +158,8 @@ def evaluate_methods(
         for label, method in methods.items():
             bar.set_postfix_str(f"{eval_set.label} {label}")
             with_labels = _needs_labels(method)
+            if callable(getattr(method, "reset", None)):
+                method.reset()  # test-time adaptation starts from the source model on every set
             synchronize(x.device)
             start = time.perf_counter()
             probs = _predict(method, x, y, with_labels, batch_size)

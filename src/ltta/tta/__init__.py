@@ -27,7 +27,7 @@ from ltta.tta.candidates import (
 )
 from ltta.tta.loss_dataset import candidate_losses, copies_per_image, predictor_training_inputs
 from ltta.tta.methods import SELECTIONS, TTA_METHODS, MethodContext, TTAMethod, build_method, flops_per_image
-from ltta.tta import learned_features  # registers "learned_features" (after the registry exists)
+from ltta.tta import bn_adapt, learned_features, tent  # register their methods (after the registry exists)
 from ltta.tta.ranking import (
     RANKERS,
     build_ranker,
@@ -59,6 +59,7 @@ __all__ = [
     "copies_per_image",
     "exact_rank",
     "flip_ensemble_probs",
+    "bn_adapt",
     "learned_features",
     "flops_per_image",
     "identity_index",
@@ -71,4 +72,5 @@ __all__ = [
     "sodeep_style_rank_mse",
     "spearman_loss",
     "spearman_rho",
+    "tent",
 ]

@@ -54,6 +54,7 @@ class MethodContext:
     crop_margin: int = 4
     image_size: int = 32
     selection: str = "topk"  # learned: how scores become k candidates (SELECTIONS)
+    bn_prior: float = 0.0  # bn_adapt: prior strength N of the source statistics (0: the test batch alone)
     threshold: float = 0.0  # learned: "eval_l2t"'s fallback ratio to identity, "abstain"'s margin (ltta.tta.abstain)
 
 
@@ -73,10 +74,17 @@ class TTAMethod(ABC):
         self.views_made = 0  # views rendered and scored by _average_selected since the last predict()
         self.images_seen = 0
 
+    #: True for test-time *adaptation* (bn_adapt, tent): predictions depend on the other test images
+    adapts_on_test_stream = False
+
     @property
     @abstractmethod
     def forward_passes(self) -> float:
         """Cost per image in target forward passes."""
+
+    def reset(self) -> None:
+        """Forget anything learned from earlier test sets; the runner calls it before each set (a
+        no-op for augmentation methods, which learn nothing at test time)."""
 
     def _probs(self, view: torch.Tensor) -> torch.Tensor:
         return predict_proba(self.ctx.target, view, batch_size=self.ctx.batch_size, amp=self.ctx.amp)
@@ -534,6 +542,7 @@ def build_method(
     image_size: int = 32,
     selection: str = "topk",
     threshold: float = 0.0,
+    bn_prior: float = 0.0,
 ) -> TTAMethod:
     """Build the TTA method ``name`` around the frozen ``target``.
 
@@ -542,6 +551,7 @@ def build_method(
     ``generator`` (on ``device``) drives ``random`` and ``policy``; default: seed 0 there.
     ``device``: where views are made; default the target's.
     ``selection`` / ``threshold``: how ``learned`` picks its k views (:data:`SELECTIONS`).
+    ``bn_prior``: ``bn_adapt``'s prior strength N.
     """
     dev = torch.device(device) if device is not None else module_device(target)
     if candidates is None:
@@ -555,6 +565,6 @@ def build_method(
     ctx = MethodContext(
         target=target, candidates=cands, k=k, predictor=predictor, prior=prior_t, policy=policy, generator=generator,
         batch_size=batch_size, device=dev, amp=amp, crop_margin=crop_margin, image_size=image_size,
-        selection=selection, threshold=threshold,
+        selection=selection, threshold=threshold, bn_prior=bn_prior,
     )
     return TTA_METHODS.get(name)(ctx)
