@@ -112,6 +112,7 @@ def tiny_params(**overrides: dict) -> dict:
     raw["train_target"].update(epochs=2, batch_size=64)
     raw["loss_dataset"].update(duplication=1, corruptions=["gaussian_noise", "defocus_blur"], candidates="all")
     raw["train_predictor"].update(epochs=2, batch_size=64, width=8)
+    raw["train_predictor"]["feature_head"].update(epochs=2)
     raw["search_policy"].update(folds=2, trials=3, top_n=2, max_images=200, epochs=1)
     raw["evaluate"].update(severities=[1, 5], batch_size=256)
     for section, values in overrides.items():

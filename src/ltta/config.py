@@ -33,8 +33,8 @@ def known_corruptions(names: list[str]) -> list[str]:
     return names
 
 
-#: Registered models that are no target classifier: the loss predictor takes ``num_outputs``, not ``num_classes``.
-NOT_TARGET_ARCHS = frozenset({"loss_predictor"})
+#: Registered models that are no target classifier: the loss predictors take ``num_outputs``, not ``num_classes``.
+NOT_TARGET_ARCHS = frozenset({"loss_predictor", "feature_head"})
 
 
 def target_arch(name: str) -> str:
@@ -234,6 +234,17 @@ class SorterParams(_Section):
     valid_sequences: PositiveInt = 40_000  # the best-validation-L1 epoch is kept
 
 
+class FeatureHeadParams(_Section):
+    """The loss predictor that reads the frozen target's features (``learned_features``, issue 22)."""
+
+    hidden: PositiveInt = 128  # the head's hidden width
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 128  # loss-dataset rows per step
+    lr: Annotated[float, Field(gt=0.0)] = 0.01  # rmsprop_tf, cosine to 0, EMA as the trunk's
+    objective: Literal["listwise", "sodeep_style", "spearman"] = "listwise"
+    tau: Annotated[float, Field(gt=0.0)] = 1.0  # softmin temperature of the target distribution
+
+
 class TrainPredictorParams(_Section):
     width: PositiveInt = 32
     epochs: PositiveInt = 20
@@ -244,12 +255,13 @@ class TrainPredictorParams(_Section):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
     tau: Annotated[float, Field(gt=0.0)] = 1.0  # softmin temperature of the target ranking
     rank_temperature: Annotated[float, Field(gt=0.0)] = 0.01  # soft-rank temperature
-    objective: Literal["sodeep_style", "spearman"] = "sodeep_style"
+    objective: Literal["sodeep_style", "spearman", "listwise"] = "sodeep_style"
     # The differentiable ranking inside the objective (ltta.tta.ranking.RANKERS): pairwise_sigmoid |
     # soft_rank (Blondel et al. 2020) | sodeep (a SoDeep sorter trained on synthetic sequences, frozen).
     ranker: Literal["pairwise_sigmoid", "soft_rank", "sodeep"] = "pairwise_sigmoid"
     sorter: SorterParams = SorterParams()  # ranker sodeep: the sorter and its training
     cutout: Annotated[float, Field(ge=0.0)] = 1.0  # cutout side / image side on predictor inputs (0: off)
+    feature_head: FeatureHeadParams | None = FeatureHeadParams()  # None: train no feature head
 
 
 class SearchPolicyParams(_Section):
@@ -268,22 +280,27 @@ class SearchPolicyParams(_Section):
 
 
 class EvaluateParams(_Section):
-    methods: list[Literal["none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "prior", "oracle"]] = Field(
-        min_length=1
-    )
+    methods: list[
+        Literal["none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "prior", "oracle",
+                "learned_features", "bn_adapt", "tent"]
+    ] = Field(min_length=1)
     k: PositiveInt = 3  # views chosen by random / policy / learned / prior TTA
     # learned: topk (k distinct views, the paper's text) | eval_l2t (the public script: identity, once
     # picked, fills the remaining views; threshold: fall back to identity below threshold x its score)
-    selection: Literal["topk", "eval_l2t"] = "topk"
+    # | abstain (identity alone unless the predicted gain exceeds the margin chosen on valid_loss)
+    selection: Literal["topk", "eval_l2t", "abstain"] = "topk"
     threshold: Annotated[float, Field(ge=0)] = 0.0
+    feature_selection: Literal["topk", "abstain"] = "abstain"  # learned_features: how its scores pick views
+    bn_prior: Annotated[float, Field(ge=0)] = 0.0  # bn_adapt: prior strength N of the source statistics
     baseline: str = "none"  # the method that mCE is relative to
     batch_size: PositiveInt = 512
     severities: list[Annotated[int, Field(ge=1, le=5)]] = Field(default=[1, 2, 3, 4, 5], min_length=1)
     max_images: PositiveInt | None = None  # cap on clean and corrupted test images per set
     target: ModelSource = "models/target.pt"  # the target: its file, or an MLflow model URI
     predictor: ModelSource = "models/predictor.pt"  # the loss predictor: its file, or an MLflow model URI
+    feature_head: ModelSource = "models/feature_head.pt"  # learned_features' head: its file, or an MLflow model URI
 
-    _sources = field_validator("target", "predictor")(classmethod(lambda cls, v: model_source(v)))
+    _sources = field_validator("target", "predictor", "feature_head")(classmethod(lambda cls, v: model_source(v)))
 
     @model_validator(mode="after")
     def _baseline_in_methods(self) -> EvaluateParams:

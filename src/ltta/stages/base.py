@@ -48,6 +48,10 @@ class Paths:
         return self.root / "models" / "predictor.pt"
 
     @property
+    def feature_head(self) -> Path:
+        return self.root / "models" / "feature_head.pt"
+
+    @property
     def policy(self) -> Path:
         return self.root / "policies" / "faa.json"
 

@@ -137,7 +137,17 @@ def run(params: Params, paths: Paths = Paths()) -> None:
                 "does not hold (it predates them); rerun `ltta train-predictor` (or `dvc repro train_predictor`)"
             )
         _check_predictor_candidates(pextra, params.loss_dataset.candidates, predictor_src)
-        _evaluate(params, paths, meta_data, device, target, predictor, pextra, files, (str(target_src), str(predictor_src)))
+        head = None
+        if "learned_features" in e.methods:
+            head_src = model_location(e.feature_head, paths)
+            head, hextra = load_model_source(head_src, device)
+            _check_predictor_candidates(hextra, params.loss_dataset.candidates, head_src)
+            head = (head, hextra)
+        if e.selection == "abstain" and "learned" in e.methods and "abstain" not in pextra:
+            raise ValueError(f"evaluate: selection 'abstain' needs the margin chosen on valid_loss, which {predictor_src} "
+                             "does not hold (it predates it); rerun `ltta train-predictor` (or `dvc repro train_predictor`)")
+        _evaluate(params, paths, meta_data, device, target, predictor, pextra, files, (str(target_src), str(predictor_src)),
+                  head)
 
 
 def _check_predictor_candidates(pextra: dict[str, Any], configured: str | list[str], source: object) -> None:
@@ -157,20 +167,35 @@ def _check_predictor_candidates(pextra: dict[str, Any], configured: str | list[s
         )
 
 
+def _method_settings(params: Params, pextra: dict[str, Any], head: tuple[torch.nn.Module, dict[str, Any]] | None
+                     ) -> dict[str, dict[str, Any]]:
+    """What differs from method to method: learned_features reads its own head with its selection, and
+    an ``abstain`` selection takes the margin train_predictor chose on valid_loss (not a param)."""
+    e = params.evaluate
+    out: dict[str, dict[str, Any]] = {}
+    if e.selection == "abstain":
+        out["learned"] = {"threshold": float(pextra["abstain"]["margin"])}
+    if head is not None:
+        model, extra = head
+        out["learned_features"] = {"predictor": model, "selection": e.feature_selection,
+                                   "threshold": float(extra["abstain"]["margin"]) if e.feature_selection == "abstain" else 0.0}
+    return out
+
+
 def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: torch.device, target: torch.nn.Module,
               predictor: torch.nn.Module | None, pextra: dict[str, Any], files: dict[str, Path],
-              sources: tuple[str, str]) -> None:
+              sources: tuple[str, str], head: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> None:
     e = params.evaluate
     candidates = build_candidates(pextra.get("candidates", params.loss_dataset.candidates))
     policy = load_policy(paths.policy) if "policy" in e.methods else None
 
     with mlflow_stage(STAGE, params, ("evaluate",)):
+        common = {"candidates": candidates, "k": e.k, "predictor": predictor, "prior": pextra.get("prior"), "policy": policy,
+                  "batch_size": e.batch_size, "device": device, "selection": e.selection, "threshold": e.threshold,
+                  "bn_prior": e.bn_prior}
+        per_method = _method_settings(params, pextra, head)
         methods = {
-            name: build_method(
-                name, target, candidates=candidates, k=e.k, predictor=predictor, prior=pextra.get("prior"), policy=policy,
-                generator=make_generator(params.seed, device), batch_size=e.batch_size, device=device,
-                selection=e.selection, threshold=e.threshold,
-            )
+            name: build_method(name, target, generator=make_generator(params.seed, device), **{**common, **per_method.get(name, {})})
             for name in e.methods
         }
         sets = eval_sets(paths, params, meta_data, device)
@@ -187,6 +212,12 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
             **({"learned selection": e.selection + (f" (threshold {e.threshold})" if e.threshold else "")}
                if "learned" in methods else {}),
             **({"prior's candidates": ", ".join(methods["prior"].chosen_names)} if "prior" in methods else {}),
+            **({"learned_features": f"the target's own features, selection {e.feature_selection}"
+                + (f" (margin {per_method['learned_features']['threshold']:.3g} from valid_loss)" if e.feature_selection == "abstain" else "")}
+               if "learned_features" in methods else {}),
+            **({"test-time adaptation": ", ".join(n for n, m in methods.items() if m.adapts_on_test_stream)
+                + f": adapt on the test stream (batches of {e.batch_size}, reset before each set); not TTA"}
+               if any(m.adapts_on_test_stream for m in methods.values()) else {}),
             "device": str(device),
             "date": _dt.date.today().isoformat(),
             "git commit": tracking.git_commit()[:12],

@@ -1,6 +1,9 @@
 """Stage train_predictor: the loss predictor, trained to rank the candidates by the target's loss.
 
-Outputs: ``models/predictor.pt`` (the EMA weights, with the candidate names in column order),
+Outputs: ``models/predictor.pt`` (the EMA weights, with the candidate names in column order, the
+prior and the ``abstain`` margin chosen on valid_loss), ``models/feature_head.pt`` (with
+``train_predictor.feature_head``: the head on the frozen target's features that ``learned_features``
+uses, its margin too; :mod:`ltta.models.feature_head`),
 ``metrics/predictor.json`` (``rho``: Spearman correlation with the true losses, ``top1``: agreement
 with the oracle's candidate, both on valid_loss) and ``plots/predictor_curve.csv`` (per epoch, beside
 the random-ranking baseline and the input-independent prior: each candidate's mean training loss;
@@ -24,7 +27,13 @@ from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.inputs import loss_meta, loss_split, prepared_meta
 from ltta.stages.train_sorter import load_or_train_sorter
 from ltta.stages.train_target import write_curve
+from ltta.model_io import load_model_source
+from ltta.stages.inputs import check_target_classes, model_location
 from ltta.training.predictor import PredictorConfig, prior_scores, train_predictor
+from ltta.tta import build_candidates, flip_ensemble_probs
+from ltta.tta.abstain import choose_margin
+from ltta.tta.scoring import predictor_scores
+from ltta.tta.target_features import target_features
 
 STAGE = "train_predictor"
 REPORTED = (
@@ -71,16 +80,63 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             on_epoch=lambda epoch, m: tracking.log_metrics(m, step=epoch),
         )
         prior = prior_scores(torch.as_tensor(losses_train)).tolist()  # for evaluate's 'prior' method
-        save_model_file(paths.predictor, ema, "loss_predictor", kwargs, extra={"candidates": names, "prior": prior})
+        x_valid_t = _nchw_uint8(x_valid).float().div(255.0).to(device)
+        valid_scores = flip_ensemble_probs(ema, x_valid_t, build_candidates(names))
+        margin = choose_margin(valid_scores, torch.as_tensor(losses_valid).to(valid_scores.device), int(meta["identity_index"]))
+        save_model_file(paths.predictor, ema, "loss_predictor", kwargs,
+                        extra={"candidates": names, "prior": prior, "abstain": margin})
         last = history[-1]
         metrics = {k: round(float(last[f"valid_{k}"]), 4) for k in REPORTED if f"valid_{k}" in last}
         metrics["epochs"] = len(history)
         # DVC's view: how well the predictor ranks (Spearman) and picks (top-1 = the oracle's
         # candidate) on valid_loss; the rest (random and prior references, losses) goes to MLflow.
-        write_json(paths.metrics / "predictor.json", {"rho": metrics["spearman_rho"], "top1": metrics["top1_agreement"]})
+        view = {"rho": metrics["spearman_rho"], "top1": metrics["top1_agreement"]}
+        if tp.feature_head is not None:
+            head_metrics = _train_feature_head(params, paths, device, meta, data_meta, (x_train, losses_train, x_valid, losses_valid))
+            view.update({"head_rho": head_metrics["spearman_rho"], "head_top1": head_metrics["top1_agreement"]})
+            tracking.log_metrics({f"head_{k}": v for k, v in head_metrics.items()})
+        write_json(paths.metrics / "predictor.json", view)
         tracking.log_metrics({f"final_{k}": v for k, v in metrics.items()})
         write_curve(paths.plots / "predictor_curve.csv", history)
         tracking.log_artifacts([paths.plots / "predictor_curve.csv"])
         example = _nchw_uint8(x_valid[:2]).float().div(255.0).numpy()
         lineage = tracking.lineage_tags(STAGE, paths.predictor, paths.root) if params.tracking.register_models else None
         tracking.log_and_register_model(ema, "ltta-predictor", example, register_as=lineage, model_file=paths.predictor)
+
+
+def _train_feature_head(params: Params, paths: Paths, device: torch.device, meta: dict, data_meta: dict,
+                        tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> dict[str, float]:
+    """The head on the frozen target's features (the target the loss dataset was built with), its
+    ``abstain`` margin on valid_loss, saved to ``models/feature_head.pt``; returns its valid metrics."""
+    fh = params.train_predictor.feature_head
+    assert fh is not None
+    x_train, losses_train, x_valid, losses_valid = tables
+    source = model_location(params.loss_dataset.target, paths)
+    target, target_extra = load_model_source(source, device)
+    check_target_classes(source, target_extra, data_meta)
+    batch = params.loss_dataset.batch_size
+
+    def rows(x: np.ndarray) -> torch.Tensor:  # features and logits as [N, D+K, 1, 1], batch by batch from uint8
+        parts = []
+        for start in range(0, len(x), batch):
+            xb = _nchw_uint8(x[start : start + batch]).to(device).float().div(255.0)
+            parts.append(torch.cat(target_features(target, xb, batch), 1))
+        return torch.cat(parts)[:, :, None, None]
+
+    f_train, f_valid = rows(x_train), rows(x_valid)
+    kwargs = {"features": int(target.fc.in_features), "classes": int(target.fc.out_features),
+              "num_outputs": len(meta["candidates"]), "hidden": fh.hidden}
+    cfg = PredictorConfig(epochs=fh.epochs, batch_size=fh.batch_size, lr=fh.lr, objective=fh.objective, tau=fh.tau,
+                          cutout=0.0, seed=params.seed)
+    head = build_model("feature_head", **kwargs)
+    ident = int(meta["identity_index"])
+    ema, history = train_predictor(head, f_train, torch.as_tensor(losses_train), f_valid, torch.as_tensor(losses_valid), cfg,
+                                   device=device, identity_index=ident,
+                                   on_epoch=lambda epoch, m: tracking.log_metrics({f"head_{k}": v for k, v in m.items()}, step=epoch))
+    lv = torch.as_tensor(losses_valid).to(device)
+    margin = choose_margin(predictor_scores(ema, f_valid).softmax(1).to(device), lv, ident)
+    save_model_file(paths.feature_head, ema, "feature_head", kwargs, extra={"candidates": list(meta["candidates"]), "abstain": margin})
+    last = history[-1]
+    out = {k: round(float(last[f"valid_{k}"]), 4) for k in REPORTED if f"valid_{k}" in last}
+    out["abstain_margin"], out["abstain_valid_augmented"] = margin["margin"], margin["augmented"]
+    return out
