@@ -459,7 +459,9 @@ def analyse(args: argparse.Namespace, device: torch.device, data: dict[str, Any]
         for prefix in prefixes:
             for sel, stat in pooled(rows, prefix).items():
                 summary[f"{prefix}/{sel}"] = stat
-        diag = {name: diagnose(prep, sc["scores"], args.k) for name, sc in scorers.items() if name.endswith("_s0")}
+        first = args.head_seeds[0]
+        diag = {name: diagnose(prep, sc["scores"], args.k) for name, sc in scorers.items()
+                if name in {f"{h}_s{first}" for h in args.heads} or name.startswith("trunk")}
         diag["prior"] = diagnose(prep, {lab: prior_scores(prep["tables"]["losses_train"]).softmax(0).expand(t["probs"].shape[0], -1)
                                         for lab, t in prep["test"]["sets"].items()}, args.k)
         best = min((n for n in summary if n.split("/")[0] in args.heads and n.endswith("/abstain")),
@@ -504,7 +506,7 @@ def write_markdown(path: Path, r: dict[str, Any], args: argparse.Namespace) -> N
         base, _, sel = name.partition("/")
         if base not in (*names, *args.heads) and not base.startswith("trunk"):
             continue
-        label = names.get(name) or (f"learned (paper's trunk predictor, s{base[7:]})" if base.startswith("trunk") and sel == "topk"
+        label = names.get(name) or ("learned (the paper's trunk predictor)" if base == "trunk" and sel == "topk"
                                     else f"{base} + {sel}")
         lines.append(f"| {label} | {_pm(st, 'clean')} | {_pm(st, 'mce')} | {st['c_nll']:.3f} | {_pm(st, 'passes')} |")
     lines += ["", "`head_*`: issue 22's `learned_features` (a head on the frozen target's pooled features and logits); "

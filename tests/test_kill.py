@@ -34,7 +34,7 @@ RESTART_SECONDS = 4.0  # what a rerun spends before it reaches the stage it was 
 # Outputs whose bytes follow from the inputs alone (the curves, the reports and the model files'
 # training histories also hold timings: the models are compared by their weights).
 DETERMINISTIC = ("data/prepared", "data/corrupted/test", "data/loss", "policies/faa.json", "metrics/target.json",
-                 "metrics/predictor.json", "metrics/search.json", "metrics/tta")
+                 "metrics/predictor.json", "metrics/feature_head.json", "metrics/search.json", "metrics/tta")
 MODELS = ("models/target.pt", "models/predictor.pt")
 
 

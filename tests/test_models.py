@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from ltta.models import CIFAR_MEAN, CIFAR_STD, MODELS, Normalize, build_model
+from ltta.config import NOT_TARGET_ARCHS
 
 # Classifiers take num_classes; the loss predictor (num_outputs) has its own tests (test_predictor.py).
-CLASSIFIERS = sorted(n for n in MODELS.names() if n != "loss_predictor")
+CLASSIFIERS = sorted(n for n in MODELS.names() if n not in NOT_TARGET_ARCHS)
 
 
 def _n_params(model: nn.Module) -> int:

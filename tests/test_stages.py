@@ -68,7 +68,8 @@ def test_every_stage_writes_its_outputs(pipeline_run: tuple[Paths, dict]) -> Non
             if short in row:
                 assert row[short] == metrics["summary"][method][long], (method, short)
     assert json.loads((paths.metrics / "target.json").read_text()).keys() == {"test_err"}
-    assert json.loads((paths.metrics / "predictor.json").read_text()).keys() == {"rho", "top1", "head_rho", "head_top1"}
+    assert json.loads((paths.metrics / "predictor.json").read_text()).keys() == {"rho", "top1"}
+    assert json.loads((paths.metrics / "feature_head.json").read_text()).keys() == {"rho", "top1"}
     assert json.loads((paths.metrics / "search.json").read_text()).keys() == {"score"}
     assert sorted(p.name for p in paths.metrics.iterdir()) == ["predictor.json", "search.json", "target.json", "tta"]
     assert not list(paths.root.rglob("*.tmp")) and not list(paths.root.rglob(".*.partial"))

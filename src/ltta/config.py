@@ -290,7 +290,7 @@ class EvaluateParams(_Section):
     # | abstain (identity alone unless the predicted gain exceeds the margin chosen on valid_loss)
     selection: Literal["topk", "eval_l2t", "abstain"] = "topk"
     threshold: Annotated[float, Field(ge=0)] = 0.0
-    feature_selection: Literal["topk", "abstain"] = "abstain"  # learned_features: how its scores pick views
+    feature_selection: Literal["topk", "abstain"] = "topk"  # learned_features: how its scores pick views
     bn_prior: Annotated[float, Field(ge=0)] = 0.0  # bn_adapt: prior strength N of the source statistics
     baseline: str = "none"  # the method that mCE is relative to
     batch_size: PositiveInt = 512

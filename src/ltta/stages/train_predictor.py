@@ -4,7 +4,7 @@ Outputs: ``models/predictor.pt`` (the EMA weights, with the candidate names in c
 prior and the ``abstain`` margin chosen on valid_loss), ``models/feature_head.pt`` (with
 ``train_predictor.feature_head``: the head on the frozen target's features that ``learned_features``
 uses, its margin too; :mod:`ltta.models.feature_head`),
-``metrics/predictor.json`` (``rho``: Spearman correlation with the true losses, ``top1``: agreement
+``metrics/predictor.json`` and ``metrics/feature_head.json`` (``rho``: Spearman correlation with the true losses, ``top1``: agreement
 with the oracle's candidate, both on valid_loss) and ``plots/predictor_curve.csv`` (per epoch, beside
 the random-ranking baseline and the input-independent prior: each candidate's mean training loss;
 MLflow has the same as ``final_*``). With
@@ -90,12 +90,11 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         metrics["epochs"] = len(history)
         # DVC's view: how well the predictor ranks (Spearman) and picks (top-1 = the oracle's
         # candidate) on valid_loss; the rest (random and prior references, losses) goes to MLflow.
-        view = {"rho": metrics["spearman_rho"], "top1": metrics["top1_agreement"]}
-        if tp.feature_head is not None:
+        write_json(paths.metrics / "predictor.json", {"rho": metrics["spearman_rho"], "top1": metrics["top1_agreement"]})
+        if tp.feature_head is not None:  # its own file with the same two keys: the same columns in `dvc metrics show`
             head_metrics = _train_feature_head(params, paths, device, meta, data_meta, (x_train, losses_train, x_valid, losses_valid))
-            view.update({"head_rho": head_metrics["spearman_rho"], "head_top1": head_metrics["top1_agreement"]})
+            write_json(paths.metrics / "feature_head.json", {"rho": head_metrics["spearman_rho"], "top1": head_metrics["top1_agreement"]})
             tracking.log_metrics({f"head_{k}": v for k, v in head_metrics.items()})
-        write_json(paths.metrics / "predictor.json", view)
         tracking.log_metrics({f"final_{k}": v for k, v in metrics.items()})
         write_curve(paths.plots / "predictor_curve.csv", history)
         tracking.log_artifacts([paths.plots / "predictor_curve.csv"])
