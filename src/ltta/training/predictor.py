@@ -4,7 +4,8 @@ Follows kakaobrain/learning-loss-for-tta ``train.py`` (settings from ``confs/ima
 
 - objective: ``target = softmin(losses / tau)`` (tau = 1), ``pred = softmax(output)``, SoDeep's
   Spearman loss between them (``sodeep/sodeep.py``; :func:`ltta.tta.ranking.sodeep_style_rank_mse`);
-  or, as an alternative, ``1 - rho`` on soft ranks (:func:`ltta.tta.ranking.spearman_loss`). The
+  or, as alternatives, ``1 - rho`` on soft ranks (:func:`ltta.tta.ranking.spearman_loss`) and,
+  not in the paper, ``listwise``, ListNet's top-one cross-entropy (:mod:`ltta.tta.listwise`). The
   ranking inside either is a *ranker* by name (``ranker``): ``sodeep``, a SoDeep sorter trained
   on synthetic sequences as the SoDeep paper does (:mod:`ltta.tta.sodeep`; the public one is not
   published) and frozen, as the public code uses it; ``soft_rank``, Blondel et al.'s fast soft
