@@ -71,7 +71,7 @@ def test_every_stage_writes_its_outputs(pipeline_run: tuple[Paths, dict]) -> Non
     assert json.loads((paths.metrics / "predictor.json").read_text()).keys() == {"rho", "top1"}
     assert json.loads((paths.metrics / "feature_head.json").read_text()).keys() == {"rho", "top1"}
     assert json.loads((paths.metrics / "search.json").read_text()).keys() == {"score"}
-    assert sorted(p.name for p in paths.metrics.iterdir()) == ["predictor.json", "search.json", "target.json", "tta"]
+    assert sorted(p.name for p in paths.metrics.iterdir()) == ["feature_head.json", "predictor.json", "search.json", "target.json", "tta"]
     assert not list(paths.root.rglob("*.tmp")) and not list(paths.root.rglob(".*.partial"))
 
 

@@ -257,7 +257,7 @@ def test_what_a_user_sees_fits_a_terminal_and_every_plot_renders(project: Path, 
     assert lines[0].split()[0] == "Path"
     assert {"clean", "mce", "extra", "c_nll", "c_ece", "passes", "test_err", "rho", "top1", "score"} <= set(lines[0].split())
     assert {line.split()[0] for line in lines[1:]} == (
-        {f"metrics/tta/{m}.json" for m in methods} | {f"metrics/{s}.json" for s in ("target", "predictor", "search")}
+        {f"metrics/tta/{m}.json" for m in methods} | {f"metrics/{s}.json" for s in ("target", "predictor", "feature_head", "search")}
     )
 
     declared = {k: v for p in yaml.safe_load((project / "dvc.yaml").read_text())["plots"] if isinstance(p, dict)
