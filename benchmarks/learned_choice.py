@@ -430,7 +430,7 @@ def check_against_method(prep: dict[str, Any], head: torch.nn.Module, margin: fl
     """The registered learned_features + abstain on every test set, against the offline numbers."""
     from dev_study import eval_sets as sets_of
     data = prep["data"]
-    method = build_method("learned_feat", prep["model"], candidates=prep["tables"]["candidates"], k=k,
+    method = build_method("feat_pick", prep["model"], candidates=prep["tables"]["candidates"], k=k,
                           predictor=head, selection="abstain", threshold=margin, batch_size=1024, device="cpu")
     res = evaluate_methods({"m": method}, sets_of(data, list(BENCHMARK), prep["severities"], data["x_te"].device), progress=False)
     diffs = [abs(r.error - offline["per_set"][r.corruption if r.corruption == CLEAN else f"{r.corruption}/{r.severity}"]["error"])
@@ -509,14 +509,14 @@ def write_markdown(path: Path, r: dict[str, Any], args: argparse.Namespace) -> N
         label = names.get(name) or ("learned (the paper's trunk predictor)" if base == "trunk" and sel == "topk"
                                     else f"{base} + {sel}")
         lines.append(f"| {label} | {_pm(st, 'clean')} | {_pm(st, 'mce')} | {st['c_nll']:.3f} | {_pm(st, 'passes')} |")
-    lines += ["", "`head_*`: issue 22's `learned_feat` (a head on the frozen target's pooled features and logits); "
+    lines += ["", "`head_*`: issue 22's `feat_pick` (a head on the frozen target's pooled features and logits); "
               "`/topk` its k best, `/abstain` identity alone unless the predicted gain exceeds the margin chosen on "
               "valid_loss. `head_listwise` is trained with the listwise objective (softmin CE, tau 1), `head_sodeep` "
               "with the paper's SoDeep-style objective.", ""]
     if r.get("check"):
         c = r["check"]
         lines += [f"Check: `{r['best_abstain']}` seed {r['head_seeds'][0]} re-run through the registered "
-                  f"`learned_feat` + `abstain` on every set: corr. {c['method_mce']:.2f} (tables {c['offline_mce']:.2f}), "
+                  f"`feat_pick` + `abstain` on every set: corr. {c['method_mce']:.2f} (tables {c['offline_mce']:.2f}), "
                   f"passes {c['method_passes']:.3f} (tables {c['offline_passes']:.3f}), largest per-set error difference "
                   f"{c['max_error_diff']:.3f} points.", ""]
     fams = [CLEAN, *FAMILIES.keys() - {"extra"}]

@@ -58,7 +58,7 @@ def test_feature_head_refuses_another_targets_features(target: SmallCNN) -> None
     with pytest.raises(ValueError, match="expects 16 features \\+ 3 logits"):
         head(torch.zeros(2, 10))
     with pytest.raises(ValueError, match="feature_head for this target"):
-        build_method("learned_feat", target, candidates="all", predictor=build_model("loss_predictor", num_outputs=24, width=4))
+        build_method("feat_pick", target, candidates="all", predictor=build_model("loss_predictor", num_outputs=24, width=4))
 
 
 # ---------------------------------------------------------------- learned_features
@@ -66,7 +66,7 @@ def test_feature_head_refuses_another_targets_features(target: SmallCNN) -> None
 
 def test_learned_features_averages_its_topk_and_counts_the_views_it_made(target: SmallCNN, images: torch.Tensor) -> None:
     head = _head(target)
-    method = build_method("learned_feat", target, candidates="all", k=3, predictor=head, batch_size=16)
+    method = build_method("feat_pick", target, candidates="all", k=3, predictor=head, batch_size=16)
     probs = method.predict(images)
     scores, identity_probs = method.scores_and_identity(images)
     sel = scores.topk(3, 1).indices
@@ -80,10 +80,10 @@ def test_learned_features_averages_its_topk_and_counts_the_views_it_made(target:
 
 def test_abstaining_keeps_identity_alone_below_the_margin(target: SmallCNN, images: torch.Tensor) -> None:
     head = _head(target)
-    scores, _ = build_method("learned_feat", target, candidates="all", predictor=head).scores_and_identity(images)
+    scores, _ = build_method("feat_pick", target, candidates="all", predictor=head).scores_and_identity(images)
     gain = predicted_gain(scores, 0)
     margin = float(gain.median())
-    method = build_method("learned_feat", target, candidates="all", k=3, predictor=head, selection="abstain", threshold=margin)
+    method = build_method("feat_pick", target, candidates="all", k=3, predictor=head, selection="abstain", threshold=margin)
     probs = method.predict(images)
     none = build_method("none", target).predict(images)
     kept = gain <= margin
@@ -191,9 +191,9 @@ def test_feature_head_learns_a_planted_input_dependent_best_candidate(target: Sm
 
 def test_runner_reports_the_mean_passes_of_a_data_dependent_method(target: SmallCNN, images: torch.Tensor) -> None:
     head = _head(target)
-    scores, _ = build_method("learned_feat", target, candidates="all", predictor=head).scores_and_identity(images)
+    scores, _ = build_method("feat_pick", target, candidates="all", predictor=head).scores_and_identity(images)
     margin = float(predicted_gain(scores, 0).median())
-    method = build_method("learned_feat", target, candidates="all", k=3, predictor=head, selection="abstain", threshold=margin)
+    method = build_method("feat_pick", target, candidates="all", k=3, predictor=head, selection="abstain", threshold=margin)
     y = torch.zeros(40, dtype=torch.long)
     sets = [EvalSet(CLEAN, 0, images, y), EvalSet("contrast", 1, images * 0.2, y)]
     res = evaluate_methods({"m": method}, sets, progress=False)

@@ -357,7 +357,7 @@ def test_policy_method_averages_identity_and_subpolicies(
 
 
 def test_registry_lists_methods(target: SmallCNN) -> None:
-    expected = {"none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "prior", "oracle", "learned_feat", "bn_adapt", "tent"}
+    expected = {"none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "prior", "oracle", "feat_pick", "bn_adapt", "tent"}
     assert set(TTA_METHODS.names()) == expected
     with pytest.raises(KeyError, match="known"):
         build_method("magic", target)

@@ -235,7 +235,7 @@ class SorterParams(_Section):
 
 
 class FeatureHeadParams(_Section):
-    """The loss predictor that reads the frozen target's features (``learned_feat``, issue 22)."""
+    """The loss predictor that reads the frozen target's features (``feat_pick``, issue 22)."""
 
     hidden: PositiveInt = 128  # the head's hidden width
     epochs: PositiveInt = 30
@@ -282,7 +282,7 @@ class SearchPolicyParams(_Section):
 class EvaluateParams(_Section):
     methods: list[
         Literal["none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "prior", "oracle",
-                "learned_feat", "bn_adapt", "tent"]
+                "feat_pick", "bn_adapt", "tent"]
     ] = Field(min_length=1)
     k: PositiveInt = 3  # views chosen by random / policy / learned / prior TTA
     # learned: topk (k distinct views, the paper's text) | eval_l2t (the public script: identity, once
@@ -290,7 +290,7 @@ class EvaluateParams(_Section):
     # | abstain (identity alone unless the predicted gain exceeds the margin chosen on valid_loss)
     selection: Literal["topk", "eval_l2t", "abstain"] = "topk"
     threshold: Annotated[float, Field(ge=0)] = 0.0
-    feature_selection: Literal["topk", "abstain"] = "topk"  # learned_feat: how its scores pick views
+    feature_selection: Literal["topk", "abstain"] = "topk"  # feat_pick: how its scores pick views
     bn_prior: Annotated[float, Field(ge=0)] = 0.0  # bn_adapt: prior strength N of the source statistics
     baseline: str = "none"  # the method that mCE is relative to
     batch_size: PositiveInt = 512
@@ -298,7 +298,7 @@ class EvaluateParams(_Section):
     max_images: PositiveInt | None = None  # cap on clean and corrupted test images per set
     target: ModelSource = "models/target.pt"  # the target: its file, or an MLflow model URI
     predictor: ModelSource = "models/predictor.pt"  # the loss predictor: its file, or an MLflow model URI
-    feature_head: ModelSource = "models/feature_head.pt"  # learned_feat's head: its file, or an MLflow model URI
+    feature_head: ModelSource = "models/feature_head.pt"  # feat_pick's head: its file, or an MLflow model URI
 
     _sources = field_validator("target", "predictor", "feature_head")(classmethod(lambda cls, v: model_source(v)))
 

@@ -138,7 +138,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             )
         _check_predictor_candidates(pextra, params.loss_dataset.candidates, predictor_src)
         head = None
-        if "learned_feat" in e.methods:
+        if "feat_pick" in e.methods:
             head_src = model_location(e.feature_head, paths)
             head, hextra = load_model_source(head_src, device)
             _check_predictor_candidates(hextra, params.loss_dataset.candidates, head_src)
@@ -169,7 +169,7 @@ def _check_predictor_candidates(pextra: dict[str, Any], configured: str | list[s
 
 def _method_settings(params: Params, pextra: dict[str, Any], head: tuple[torch.nn.Module, dict[str, Any]] | None
                      ) -> dict[str, dict[str, Any]]:
-    """What differs from method to method: learned_feat reads its own head with its selection, and
+    """What differs from method to method: feat_pick reads its own head with its selection, and
     an ``abstain`` selection takes the margin train_predictor chose on valid_loss (not a param)."""
     e = params.evaluate
     out: dict[str, dict[str, Any]] = {}
@@ -177,7 +177,7 @@ def _method_settings(params: Params, pextra: dict[str, Any], head: tuple[torch.n
         out["learned"] = {"threshold": float(pextra["abstain"]["margin"])}
     if head is not None:
         model, extra = head
-        out["learned_feat"] = {"predictor": model, "selection": e.feature_selection,
+        out["feat_pick"] = {"predictor": model, "selection": e.feature_selection,
                                    "threshold": float(extra["abstain"]["margin"]) if e.feature_selection == "abstain" else 0.0}
     return out
 
@@ -212,9 +212,9 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
             **({"learned selection": e.selection + (f" (threshold {e.threshold})" if e.threshold else "")}
                if "learned" in methods else {}),
             **({"prior's candidates": ", ".join(methods["prior"].chosen_names)} if "prior" in methods else {}),
-            **({"learned_feat": f"the target's own features, selection {e.feature_selection}"
-                + (f" (margin {per_method['learned_feat']['threshold']:.3g} from valid_loss)" if e.feature_selection == "abstain" else "")}
-               if "learned_feat" in methods else {}),
+            **({"feat_pick": f"the target's own features, selection {e.feature_selection}"
+                + (f" (margin {per_method['feat_pick']['threshold']:.3g} from valid_loss)" if e.feature_selection == "abstain" else "")}
+               if "feat_pick" in methods else {}),
             **({"test-time adaptation": ", ".join(n for n, m in methods.items() if m.adapts_on_test_stream)
                 + f": adapt on the test stream (batches of {e.batch_size}, reset before each set); not TTA"}
                if any(m.adapts_on_test_stream for m in methods.values()) else {}),

@@ -2,7 +2,7 @@
 
 Outputs: ``models/predictor.pt`` (the EMA weights, with the candidate names in column order, the
 prior and the ``abstain`` margin chosen on valid_loss), ``models/feature_head.pt`` (with
-``train_predictor.feature_head``: the head on the frozen target's features that ``learned_feat``
+``train_predictor.feature_head``: the head on the frozen target's features that ``feat_pick``
 uses, its margin too; :mod:`ltta.models.feature_head`),
 ``metrics/predictor.json`` and ``metrics/feature_head.json`` (``rho``: Spearman correlation with the true losses, ``top1``: agreement
 with the oracle's candidate, both on valid_loss) and ``plots/predictor_curve.csv`` (per epoch, beside

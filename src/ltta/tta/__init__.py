@@ -9,7 +9,7 @@
 - :mod:`~ltta.tta.methods`: ``TTA_METHODS`` and ``build_method`` (none, flip, crops, random,
   policy, learned, prior, oracle), and ``SELECTIONS``, how ``learned`` picks its k views
 - :mod:`~ltta.tta.target_features`, :mod:`~ltta.tta.learned_features`: the choice made from the
-  target's own features (``learned_feat``); :mod:`~ltta.tta.abstain`: the ``abstain``
+  target's own features (``feat_pick``); :mod:`~ltta.tta.abstain`: the ``abstain``
   selection and its validated margin; :mod:`~ltta.tta.listwise`: the ``listwise`` objective
 """
 

@@ -1,4 +1,4 @@
-"""``learned_feat``: the learned choice made from the target's own features, nearly free.
+"""``feat_pick``: the learned choice made from the target's own features, nearly free.
 
 Issue 22's first variant. One target pass on the image yields its pooled penultimate features,
 its logits and so the identity view's prediction (:mod:`ltta.tta.target_features`); a small head
@@ -32,21 +32,21 @@ def head_flops(head: nn.Module, inputs: int) -> int:
     return int(counter.get_total_flops()) // 2
 
 
-@TTA_METHODS.register("learned_feat")
+@TTA_METHODS.register("feat_pick")
 class LearnedFeaturesTTA(TTAMethod):
     """k candidates per image from a feature head's scores on the target's own features (see the module)."""
 
-    name = "learned_feat"
+    name = "feat_pick"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         head = ctx.predictor
         if head is None:
-            raise ValueError("method 'learned_feat' needs predictor= (a feature_head trained on this target's features)")
+            raise ValueError("method 'feat_pick' needs predictor= (a feature_head trained on this target's features)")
         d, classes = PooledFeatures(ctx.target).dims
         if (getattr(head, "features", None), getattr(head, "classes", None)) != (d, classes):
             raise ValueError(
-                f"method 'learned_feat' needs a feature_head for this target ({d} features, {classes} classes), "
+                f"method 'feat_pick' needs a feature_head for this target ({d} features, {classes} classes), "
                 f"got {type(head).__name__} with {getattr(head, 'features', '?')} features and "
                 f"{getattr(head, 'classes', '?')} classes; train it with `ltta train-predictor` on this target"
             )
@@ -59,7 +59,7 @@ class LearnedFeaturesTTA(TTAMethod):
         self.select = SELECTIONS.get(ctx.selection)
         self.select(torch.full((1, len(ctx.candidates)), 1.0 / len(ctx.candidates)), ctx.k, self.identity_index, ctx.threshold)
         if self.identity_index < 0:
-            raise ValueError("method 'learned_feat' reuses the identity view: the candidates need 'identity'")
+            raise ValueError("method 'feat_pick' reuses the identity view: the candidates need 'identity'")
         self.head_cost = head_flops(head, d + classes) / max(flops_per_image(ctx.target, ctx.image_size), 1)
 
     @property
