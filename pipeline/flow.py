@@ -35,15 +35,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
 from ltta import tracking
+from ltta.stages import ORDER
 
-STAGES: tuple[str, ...] = (
-    "prepare_data",
-    "train_target",
-    "build_loss_dataset",
-    "train_predictor",
-    "search_policy",
-    "evaluate",
-)
+STAGES: tuple[str, ...] = ORDER  # the DVC stages, in dependency order
 
 
 #: Exit codes of an ``ltta`` command that a rerun cannot change: its error for bad input (1) and

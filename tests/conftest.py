@@ -114,6 +114,8 @@ def tiny_params(**overrides: dict) -> dict:
     raw["train_predictor"].update(epochs=2, batch_size=64, width=8)
     raw["train_predictor"]["feature_head"].update(epochs=2)
     raw["search_policy"].update(folds=2, trials=3, top_n=2, max_images=200, epochs=1)
+    raw["search_gps"].update(random_subpolicies=6, crop_flip_samples=2, length=4)
+    raw["fit_aggregation"].update(epochs=3)
     raw["evaluate"].update(severities=[1, 5], batch_size=256)
     for section, values in overrides.items():
         if isinstance(values, dict):
@@ -125,10 +127,12 @@ def tiny_params(**overrides: dict) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The six stages run once per session, in process, on :func:`tiny_params`: a workspace that
+    """The stages run once per session, in process, on :func:`tiny_params`: a workspace that
     tests read or copy, never change (its MLflow store is ``mlflow.db`` inside it)."""
+    import importlib
+
     from ltta.config import parse_params
-    from ltta.stages import build_loss_dataset, evaluate, prepare_data, search_policy, train_predictor, train_target
+    from ltta.stages import ORDER
     from ltta.stages.base import Paths
 
     root = tmp_path_factory.mktemp("pipeline")
@@ -137,8 +141,8 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
     before = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     try:
-        for stage in (prepare_data, train_target, build_loss_dataset, train_predictor, search_policy, evaluate):
-            stage.run(params, Paths(root))
+        for name in ORDER:
+            importlib.import_module(f"ltta.stages.{name}").run(params, Paths(root))
     finally:
         if before is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -161,7 +161,8 @@ def test_ltta_params_writes_a_profile(tmp_path: Path) -> None:
     assert main(["params", "--check", "--conf", str(ROOT / "conf"), "--out", str(out)]) == 1
 
 
-@pytest.mark.parametrize("command", ["prepare-data", "train-target", "build-loss-dataset", "train-predictor", "search-policy", "evaluate", "params"])
+@pytest.mark.parametrize("command", ["prepare-data", "train-target", "build-loss-dataset", "train-predictor", "search-policy",
+                                     "search-gps", "fit-aggregation", "evaluate", "params"])
 def test_every_command_has_help(command: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "ltta.cli", command, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: ltta" in proc.stdout

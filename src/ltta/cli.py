@@ -28,6 +28,8 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "train-predictor": ("train_predictor", "train the loss predictor with a differentiable Spearman ranking loss"),
     "train-sorter": ("train_sorter", "train SoDeep's sorter for ranker sodeep ahead of train-predictor (cached, not a DVC stage)"),
     "search-policy": ("search_policy", "Fast AutoAugment search (density matching, TPE): a static policy"),
+    "search-gps": ("search_gps", "greedy policy search (Molchanov et al. 2020): a TTA policy by calibrated likelihood"),
+    "fit-aggregation": ("fit_aggregation", "learned aggregation of the candidate views (Shanmugam et al. 2021)"),
     "evaluate": ("evaluate", "every TTA method on clean and corrupted test sets: metrics, table, plots"),
 }
 

@@ -33,8 +33,9 @@ def known_corruptions(names: list[str]) -> list[str]:
     return names
 
 
-#: Registered models that are no target classifier: the loss predictors take ``num_outputs``, not ``num_classes``.
-NOT_TARGET_ARCHS = frozenset({"loss_predictor", "feature_head"})
+#: Registered models that are no target classifier: the loss predictors take ``num_outputs``, not
+#: ``num_classes``; the aggregators take the views' logits.
+NOT_TARGET_ARCHS = frozenset({"loss_predictor", "feature_head", "agg_aug", "agg_class"})
 
 
 def target_arch(name: str) -> str:
@@ -279,10 +280,35 @@ class SearchPolicyParams(_Section):
     _storage = field_validator("storage")(classmethod(lambda cls, v: rdb_url(v)))
 
 
+class SearchGPSParams(_Section):
+    """Greedy policy search (Molchanov et al. 2020; :mod:`ltta.tta.gps`) on the loss dataset's valid_loss images."""
+
+    length: PositiveInt = 5  # members of the searched policy (method gps uses the first evaluate.k)
+    random_subpolicies: Annotated[int, Field(ge=0)] = 100  # pool: FAA-op sub-policies, random levels, + crop/flip
+    ops_per_subpolicy: PositiveInt = 3  # ops per random sub-policy (the reference's RandAugment N = 3)
+    crop_flip_samples: Annotated[int, Field(ge=0)] = 20  # pool: draws of the pad-4 crop + flip alone
+    calibrate: bool = True  # select by the calibrated log-likelihood (temperature fitted per step, as the paper)
+    batch_size: PositiveInt = 512
+    target: ModelSource = "models/target.pt"
+
+    _source = field_validator("target")(classmethod(lambda cls, v: model_source(v)))
+
+
+class FitAggregationParams(_Section):
+    """Learned aggregation (Shanmugam et al. 2021; :mod:`ltta.tta.aggregation`) on the valid_loss images."""
+
+    epochs: PositiveInt = 30  # the reference: 30 (ClassTTA), 15-20 (AugTTA)
+    lr: Annotated[float, Field(gt=0.0)] = 0.01  # SGD, momentum 0.9, weight decay 1e-4, as the reference
+    batch_size: PositiveInt = 1000  # validation images per step
+    target: ModelSource = "models/target.pt"
+
+    _source = field_validator("target")(classmethod(lambda cls, v: model_source(v)))
+
+
 class EvaluateParams(_Section):
     methods: list[
         Literal["none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "prior", "oracle",
-                "feat_pick", "bn_adapt", "tent"]
+                "feat_pick", "bn_adapt", "tent", "gps", "agg_aug", "agg_class"]
     ] = Field(min_length=1)
     k: PositiveInt = 3  # views chosen by random / policy / learned / prior TTA
     # learned: topk (k distinct views, the paper's text) | eval_l2t (the public script: identity, once
@@ -348,6 +374,8 @@ class Params(_Section):
     loss_dataset: LossDatasetParams
     train_predictor: TrainPredictorParams
     search_policy: SearchPolicyParams
+    search_gps: SearchGPSParams = SearchGPSParams()
+    fit_aggregation: FitAggregationParams = FitAggregationParams()
     evaluate: EvaluateParams
     tracking: TrackingParams = TrackingParams()
     promote: PromoteParams = PromoteParams()

@@ -56,6 +56,10 @@ class Paths:
         return self.root / "policies" / "faa.json"
 
     @property
+    def gps_policy(self) -> Path:
+        return self.root / "policies" / "gps.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -34,8 +34,11 @@ from ltta.model_io import load_model_source
 from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw, to_uint8_nhwc
 from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.inputs import check_target_classes, labelled_images, model_location, prepared_meta
+from ltta.stages.fit_aggregation import aggregator_path
 from ltta.transforms.policy import load_policy
 from ltta.tta import build_candidates, build_method
+from ltta.tta.aggregation import AGGREGATORS
+from ltta.tta.gps import load_gps_policy
 
 STAGE = "evaluate"
 
@@ -137,6 +140,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
                 "does not hold (it predates them); rerun `ltta train-predictor` (or `dvc repro train_predictor`)"
             )
         _check_predictor_candidates(pextra, params.loss_dataset.candidates, predictor_src)
+        fitted = _fitted_methods(params, paths, device)
         head = None
         if "feat_pick" in e.methods:
             head_src = model_location(e.feature_head, paths)
@@ -147,7 +151,22 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             raise ValueError(f"evaluate: selection 'abstain' needs the margin chosen on valid_loss, which {predictor_src} "
                              "does not hold (it predates it); rerun `ltta train-predictor` (or `dvc repro train_predictor`)")
         _evaluate(params, paths, meta_data, device, target, predictor, pextra, files, (str(target_src), str(predictor_src)),
-                  head)
+                  head, fitted)
+
+
+def _fitted_methods(params: Params, paths: Paths, device: torch.device) -> dict[str, dict[str, Any]]:
+    """What the methods fitted on valid_loss read: gps its policy (search_gps), agg_* their
+    aggregators (fit_aggregation), each checked against the loss dataset's candidates."""
+    out: dict[str, dict[str, Any]] = {}
+    if "gps" in params.evaluate.methods:
+        out["gps"] = {"policy": load_gps_policy(paths.gps_policy)}
+    for kind in AGGREGATORS:
+        if kind in params.evaluate.methods:
+            path = aggregator_path(paths, kind)
+            model, extra = load_model_source(path, device)
+            _check_predictor_candidates(extra, params.loss_dataset.candidates, path)
+            out[kind] = {"predictor": model}
+    return out
 
 
 def _check_predictor_candidates(pextra: dict[str, Any], configured: str | list[str], source: object) -> None:
@@ -184,7 +203,8 @@ def _method_settings(params: Params, pextra: dict[str, Any], head: tuple[torch.n
 
 def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: torch.device, target: torch.nn.Module,
               predictor: torch.nn.Module | None, pextra: dict[str, Any], files: dict[str, Path],
-              sources: tuple[str, str], head: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> None:
+              sources: tuple[str, str], head: tuple[torch.nn.Module, dict[str, Any]] | None = None,
+              fitted: dict[str, dict[str, Any]] | None = None) -> None:
     e = params.evaluate
     candidates = build_candidates(pextra.get("candidates", params.loss_dataset.candidates))
     policy = load_policy(paths.policy) if "policy" in e.methods else None
@@ -193,7 +213,7 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
         common = {"candidates": candidates, "k": e.k, "predictor": predictor, "prior": pextra.get("prior"), "policy": policy,
                   "batch_size": e.batch_size, "device": device, "selection": e.selection, "threshold": e.threshold,
                   "bn_prior": e.bn_prior}
-        per_method = _method_settings(params, pextra, head)
+        per_method = {**_method_settings(params, pextra, head), **(fitted or {})}
         methods = {
             name: build_method(name, target, generator=make_generator(params.seed, device), **{**common, **per_method.get(name, {})})
             for name in e.methods
@@ -215,6 +235,10 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
             **({"feat_pick": f"the target's own features, selection {e.feature_selection}"
                 + (f" (margin {per_method['feat_pick']['threshold']:.3g} from valid_loss)" if e.feature_selection == "abstain" else "")}
                if "feat_pick" in methods else {}),
+            **({"gps": f"the first {e.k} of {len(per_method['gps']['policy'].members)} members searched on valid_loss "
+                       f"(temperature {per_method['gps']['policy'].temperature(e.k):.3g} applied)"} if "gps" in methods else {}),
+            **({"agg_aug / agg_class": "weights over all candidate views' logits, fitted on valid_loss"}
+               if {"agg_aug", "agg_class"} & set(methods) else {}),
             **({"test-time adaptation": ", ".join(n for n, m in methods.items() if m.adapts_on_test_stream)
                 + f": adapt on the test stream (batches of {e.batch_size}, reset before each set); not TTA"}
                if any(m.adapts_on_test_stream for m in methods.values()) else {}),

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ltta.io import load_npz, read_json
 from ltta.model_io import is_model_uri
+from ltta.runtime import to_float_nchw
 from ltta.stages.base import Paths
 
 #: The keys of ``data/prepared/meta.json`` that later stages read (prepare_data writes them).
@@ -40,20 +42,28 @@ def _check_images(path: Path, x: np.ndarray, image_size: int, redo: str) -> None
         raise ValueError(f"{path}: 'x' holds no images; {redo}.")
 
 
-def labelled_images(path: Path, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """``(x uint8 [N,S,S,3], y int64 [N])`` of a prepared ``train.npz`` / ``test.npz``, labels in range."""
+def labelled_images(path: Path, meta: dict[str, Any], redo: str = _REDO_PREPARED) -> tuple[np.ndarray, np.ndarray]:
+    """``(x uint8 [N,S,S,3], y int64 [N])`` of a prepared ``train.npz`` / ``test.npz`` (or a loss-dataset
+    split, with its ``redo``), labels in range."""
     arrays = load_npz(path, required=("x", "y"))
     x, y = arrays["x"], arrays["y"]
-    _check_images(path, x, int(meta["image_size"]), _REDO_PREPARED)
+    _check_images(path, x, int(meta["image_size"]), redo)
     n_classes = int(meta["num_classes"])
     if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{path}: 'y' must be integer labels [{x.shape[0]}], has {y.dtype} {y.shape}; {_REDO_PREPARED}.")
+        raise ValueError(f"{path}: 'y' must be integer labels [{x.shape[0]}], has {y.dtype} {y.shape}; {redo}.")
     if y.min() < 0 or y.max() >= n_classes:
         raise ValueError(
             f"{path}: labels span [{int(y.min())}, {int(y.max())}] but meta.json has {n_classes} classes "
-            f"(labels 0..{n_classes - 1}); {_REDO_PREPARED}."
+            f"(labels 0..{n_classes - 1}); {redo}."
         )
     return x, y.astype(np.int64, copy=False)
+
+
+def validation_split(paths: Paths, meta: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss dataset's valid_loss images (corrupted as the predictor's validation inputs) as float
+    NCHW on ``device``, and their labels: the split GPS and the learned aggregation are fitted on."""
+    x, y = labelled_images(paths.loss_data / "valid.npz", meta, redo=_REDO_LOSS)
+    return to_float_nchw(x, device), torch.as_tensor(y, device=device)
 
 
 def model_location(source: str, paths: Paths) -> str | Path:

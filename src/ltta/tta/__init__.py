@@ -11,6 +11,9 @@
 - :mod:`~ltta.tta.target_features`, :mod:`~ltta.tta.learned_features`: the choice made from the
   target's own features (``feat_pick``); :mod:`~ltta.tta.abstain`: the ``abstain``
   selection and its validated margin; :mod:`~ltta.tta.listwise`: the ``listwise`` objective
+- :mod:`~ltta.tta.gps`: greedy policy search (``gps``), with :mod:`~ltta.tta.temperature`;
+  :mod:`~ltta.tta.aggregation`: learned aggregation (``agg_aug``, ``agg_class``);
+  :mod:`~ltta.tta.bn_adapt`, :mod:`~ltta.tta.tent`: test-time adaptation baselines
 """
 
 from ltta.tta.candidates import (
@@ -27,7 +30,7 @@ from ltta.tta.candidates import (
 )
 from ltta.tta.loss_dataset import candidate_losses, copies_per_image, predictor_training_inputs
 from ltta.tta.methods import SELECTIONS, TTA_METHODS, MethodContext, TTAMethod, build_method, flops_per_image
-from ltta.tta import bn_adapt, learned_features, tent  # register their methods (after the registry exists)
+from ltta.tta import aggregation, bn_adapt, gps, learned_features, tent  # register their methods (after the registry exists)
 from ltta.tta.ranking import (
     RANKERS,
     build_ranker,
@@ -59,7 +62,9 @@ __all__ = [
     "copies_per_image",
     "exact_rank",
     "flip_ensemble_probs",
+    "aggregation",
     "bn_adapt",
+    "gps",
     "learned_features",
     "flops_per_image",
     "identity_index",
