@@ -357,7 +357,8 @@ def test_policy_method_averages_identity_and_subpolicies(
 
 
 def test_registry_lists_methods(target: SmallCNN) -> None:
-    expected = {"none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "prior", "oracle", "feat_pick", "bn_adapt", "tent"}
+    expected = {"none", "flip", "five_crop", "ten_crop", "random", "policy", "learned", "prior", "oracle", "feat_pick", "bn_adapt", "tent",
+                "gps", "agg_aug", "agg_class"}
     assert set(TTA_METHODS.names()) == expected
     with pytest.raises(KeyError, match="known"):
         build_method("magic", target)
