@@ -249,14 +249,15 @@ def test_markdown_table(results: EvalResults) -> None:
     assert md.startswith("# Toy results\n")
     assert "- **dataset**: toy" in md and "- **git commit**: abc123" in md
     blocks = _table_blocks(md)
-    assert len(blocks) == 2
+    assert len(blocks) == 3  # the summary, the RobustBench view (accuracy), error per corruption
     for block in blocks:
         n_cols = block[0].count("|") - 1
         assert block[1].count("|") - 1 == n_cols
         assert all(set(c.strip()) <= set(":-") for c in block[1].strip("|").split("|"))
         assert all(row.count("|") - 1 == n_cols for row in block)
-    main, per = blocks
-    assert len(main) == 4 and len(per) == 4  # header, separator, 2 methods
+    main, robust, per = blocks
+    assert len(main) == 4 and len(robust) == 4 and len(per) == 4  # header, separator, 2 methods
+    assert robust[2] == "| linear | n/a | 25.00 |"  # severities 1-2 only: no severity 5
     assert main[2].startswith("| linear | 0.00 | 75.00 | n/a | 100.0 |")
     assert main[3].startswith("| oracle | 0.00 | 0.00 | n/a | 0.0 |")
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in main]

@@ -1,6 +1,8 @@
 """Evaluation: metrics (error, NLL, ECE, corruption means), the method x set runner, tables and plots."""
 
-from ltta.evaluation.metrics import ece, error_rate, mean_corruption_error, nll, relative_mce
+from ltta.evaluation.metrics import (
+    accuracy_at_severity, ece, error_rate, mean_corruption_error, nll, relative_mce, relative_mce_where_defined,
+)
 from ltta.evaluation.report import figures_markdown, results_markdown, severity_plot_rows, write_plots
 from ltta.evaluation.runner import (
     CLEAN, DVC_METRIC_KEYS, EvalRecord, EvalResults, EvalSet, evaluate_methods, method_metrics,
@@ -12,6 +14,7 @@ __all__ = [
     "EvalRecord",
     "EvalResults",
     "EvalSet",
+    "accuracy_at_severity",
     "ece",
     "error_rate",
     "evaluate_methods",
@@ -20,6 +23,7 @@ __all__ = [
     "method_metrics",
     "nll",
     "relative_mce",
+    "relative_mce_where_defined",
     "results_markdown",
     "severity_plot_rows",
     "write_plots",

@@ -17,6 +17,7 @@ ArrayLike = torch.Tensor | np.ndarray
 CorruptionErrors = Mapping[str, Mapping[int, float]]
 
 NLL_EPS = 1e-12  # probabilities are clamped here before the log, so a confident miss costs 27.6 nats
+ROBUSTBENCH_SEVERITY = 5  # the one severity RobustBench's CIFAR-10-C leaderboard scores
 
 
 def _check(probs: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +110,8 @@ def relative_mce(errors: CorruptionErrors, baseline_errors: CorruptionErrors, co
     """Hendrycks & Dietterich's mCE (ICLR 2019, sec. 3), in percent, relative to a baseline's errors.
 
     CE_c = sum_s E_{s,c} / sum_s E_{s,c}^baseline; mCE = mean_c CE_c. Both must cover the same
-    severities of each corruption, and the baseline needs a non-zero error on each corruption.
+    severities of each corruption, and the baseline needs a non-zero error on each corruption
+    (strict: it raises otherwise; :func:`relative_mce_where_defined` is the report's fallback).
     """
     if not corruptions:
         raise ValueError("relative_mce needs at least one corruption")
@@ -130,6 +132,44 @@ def relative_mce(errors: CorruptionErrors, baseline_errors: CorruptionErrors, co
             )
         ratios.append(sum(mine[s] for s in base) / denom)
     return 100.0 * float(sum(ratios) / len(ratios))
+
+
+def zero_baseline_corruptions(baseline_errors: CorruptionErrors, corruptions: Sequence[str]) -> list[str]:
+    """The corruptions on which the baseline makes no error at any severity, in the given order:
+    there CE_c divides by zero. A strong baseline on a small test set does this (e.g. on snow)."""
+    return [c for c in corruptions if sum(_severities(baseline_errors, c, "baseline_errors").values()) <= 0]
+
+
+def relative_mce_where_defined(
+    errors: CorruptionErrors, baseline_errors: CorruptionErrors, corruptions: Sequence[str]
+) -> tuple[float | None, list[str]]:
+    """:func:`relative_mce` over the corruptions where it is defined, and the ones left out.
+
+    The fallback for a baseline with zero summed error on some corruptions: those corruptions are
+    dropped from the mean (their CE_c is 0/0 or x/0, no number) and the mean is over the rest, so
+    one clean corruption does not blank the whole column; the caller must say which were dropped.
+    None when the baseline errs on none of ``corruptions`` (or there are none).
+    """
+    excluded = zero_baseline_corruptions(baseline_errors, corruptions)
+    defined = [c for c in corruptions if c not in excluded]
+    return (relative_mce(errors, baseline_errors, defined) if defined else None), excluded
+
+
+def accuracy_at_severity(errors: CorruptionErrors, corruptions: Sequence[str], severity: int) -> float:
+    """100 - the mean error over ``corruptions`` at one ``severity``, in percent.
+
+    RobustBench's corruption accuracy (its CIFAR-10-C leaderboard: severity 5, the 15 benchmark
+    corruptions), so a number from here can be held next to it. Every corruption needs that severity.
+    """
+    if not corruptions:
+        raise ValueError("accuracy_at_severity needs at least one corruption")
+    per_corruption = []
+    for c in corruptions:
+        by_severity = _severities(errors, c, "errors")
+        if severity not in by_severity:
+            raise ValueError(f"corruption {c!r} has no result at severity {severity} (has {sorted(by_severity)})")
+        per_corruption.append(by_severity[severity])
+    return 100.0 - float(sum(per_corruption) / len(per_corruption))
 
 
 def baseline_covers(baseline_errors: CorruptionErrors, corruptions: Sequence[str]) -> bool:

@@ -12,10 +12,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ltta.evaluation.runner import EvalResults
+from ltta.corruptions.names import BENCHMARK
+from ltta.evaluation.metrics import ROBUSTBENCH_SEVERITY
+from ltta.evaluation.runner import CLEAN, EvalResults
 from ltta.io import save_figure
 
 MISSING = "n/a"
+# The methods the paper is about, drawn larger and labelled in bold in the cost figure (those present).
+HIGHLIGHTED = ("learned", "prior", "gps")
+ROBUSTBENCH_IMAGES = 10_000  # images per corruption and severity on the RobustBench CIFAR-10-C leaderboard
 
 # Okabe & Ito's colour-blind-safe palette (https://jfly.uni-koeln.de/color/), black last: one colour
 # per method, in the order the methods were evaluated, the same in every figure.
@@ -159,6 +164,8 @@ def results_markdown(
             ]
         )
     lines += _table(header, rows)
+    lines += _mce_note(results, benchmark, baseline_method)
+    lines += _robustbench_section(results, benchmark)
     corruptions = _ordered_corruptions(results, benchmark, extra)
     if corruptions:
         lines += ["", f"## Error per corruption (mean over severities {sev}, %)", ""]
@@ -174,6 +181,80 @@ def results_markdown(
             )
         lines += _table(["Method", *corruptions], per_rows)
     return "\n".join(lines) + "\n"
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names)
+
+
+def _mce_note(results: EvalResults, benchmark: Sequence[str], baseline_method: str | None) -> list[str]:
+    """The note under the summary table when the mCE fallback left corruptions out (the baseline
+    makes no error on them, CE divides by zero): without it the column would silently mean less."""
+    excluded = results.mce_excluded(benchmark, baseline_method) if baseline_method else None
+    if not excluded:
+        return []
+    n, sev = len(benchmark), _severity_text(results.severities())
+    if len(excluded) == n:
+        text = (
+            f"mCE n/a: the baseline `{baseline_method}` makes no error on any of the {n} benchmark corruptions "
+            f"(summed over severities {sev}), so every corruption's CE divides by zero."
+        )
+    else:
+        text = (
+            f"mCE over {n - len(excluded)} of {n} corruptions: the baseline `{baseline_method}` makes no error on "
+            f"{_names(excluded)} (summed over severities {sev}), where CE divides by zero, so "
+            f"{'it is' if len(excluded) == 1 else 'they are'} left out of the mean; Corr. err. still covers all {n}."
+        )
+    return ["", text]
+
+
+def _lacking_severity(results: EvalResults, corruptions: Sequence[str], severity: int) -> list[str]:
+    """The corruptions with no set at ``severity`` (for any method), to name in a footnote."""
+    have = {r.corruption for r in results.records if r.severity == severity}
+    return [c for c in corruptions if c not in have]
+
+
+def _image_count_text(results: EvalResults, corruptions: Sequence[str]) -> str:
+    counts = sorted({r.n for r in results.records if r.corruption in corruptions and r.corruption != CLEAN})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def robustbench_note(results: EvalResults, benchmark: Sequence[str]) -> str:
+    """What the RobustBench columns are and, where they differ, how they differ from the leaderboard's
+    (severity 5 missing, fewer than the 15 corruptions, fewer images), so no one compares blindly."""
+    n, sev, s5 = len(benchmark), _severity_text(results.severities()), ROBUSTBENCH_SEVERITY
+    parts = [
+        f"Accuracy = 100 - top-1 error (%), mean over the {n} benchmark corruptions evaluated: at severity {s5}, "
+        f"and over severities {sev}. RobustBench's CIFAR-10-C leaderboard reports the first: accuracy at "
+        f"severity {s5}, mean over the {len(BENCHMARK)} corruptions, {ROBUSTBENCH_IMAGES:,} images each; "
+        f"here {_image_count_text(results, benchmark)} images per corruption and severity."
+    ]
+    if n < len(BENCHMARK):
+        missing = [c for c in BENCHMARK if c not in benchmark]
+        parts.append(
+            f"Only {n} of the {len(BENCHMARK)} benchmark corruptions were evaluated (not {_names(missing)}), "
+            "so neither number is the leaderboard's."
+        )
+    lacking = _lacking_severity(results, benchmark, s5)
+    if lacking == list(benchmark):
+        parts.append(f"Sev. {s5} acc. is {MISSING}: severity {s5} was not evaluated (severities {sev}).")
+    elif lacking:
+        parts.append(f"Sev. {s5} acc. is {MISSING}: severity {s5} was not evaluated on {_names(lacking)}.")
+    return " ".join(parts)
+
+
+def _robustbench_section(results: EvalResults, benchmark: Sequence[str]) -> list[str]:
+    """A second, small table: accuracy as RobustBench reports it, next to the paper's error table
+    (which stays as it is); left out when no benchmark corruption was evaluated."""
+    if not benchmark:
+        return []
+    n, s5 = len(benchmark), ROBUSTBENCH_SEVERITY
+    rows = [
+        [m, _cell(r["robustbench_sev5_acc"], ".2f"), _cell(r["robustbench_all_acc"], ".2f")]
+        for m, r in results.robustbench(benchmark).items()
+    ]
+    header = ["Method", f"Sev. {s5} acc. ({n})", f"All-severity acc. ({n})"]
+    return ["", "## RobustBench view (accuracy, %)", "", *_table(header, rows), "", robustbench_note(results, benchmark)]
 
 
 def severity_plot_rows(results: EvalResults, benchmark: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -235,6 +316,28 @@ def marker_name(marker: str) -> str:
     return {"o": "circles", "s": "squares"}.get(marker, marker)
 
 
+def highlighted_methods(methods: Sequence[str]) -> list[str]:
+    """The methods of :data:`HIGHLIGHTED` that were evaluated, in evaluation order (``gps`` may be absent)."""
+    return [m for m in methods if m in HIGHLIGHTED]
+
+
+def _scatter_methods(ax: Any, pts: Sequence[tuple[float, float, str]], marker: str, colours: Mapping[str, str],
+                     highlight: Sequence[str]) -> None:
+    """The points of one series, highlighted methods large and labelled in bold, the rest small and
+    faded with a grey label: the eye finds the paper's methods first, every colour stays the method's."""
+    for big in (False, True):
+        group = [p for p in pts if (p[2] in highlight) == big]
+        if not group:
+            continue
+        ax.scatter([p[0] for p in group], [p[1] for p in group], marker=marker, c=[colours[p[2]] for p in group],
+                   s=110 if big else 28, alpha=1.0 if big else 0.6, edgecolors="black" if big else "0.5",
+                   linewidths=1.2 if big else 0.5, zorder=4 if big else 3)
+        for x, y, m in group:
+            ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 4) if big else (5, 3),
+                        fontsize=9 if big else 7, fontweight="bold" if big else "normal",
+                        color="black" if big else "0.45")
+
+
 def _cost_figure(results: EvalResults, benchmark: Sequence[str], extra: Sequence[str]) -> Any:
     from matplotlib.figure import Figure
 
@@ -242,6 +345,7 @@ def _cost_figure(results: EvalResults, benchmark: Sequence[str], extra: Sequence
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     colours = method_colours(list(summary))
+    highlight = highlighted_methods(list(summary))
     series: list[tuple[str, str, str, str]] = [
         ("clean_error", "clean", "o", "-"), ("mean_corruption_error", "corrupted (benchmark mean)", "s", "--"),
     ]
@@ -250,13 +354,10 @@ def _cost_figure(results: EvalResults, benchmark: Sequence[str], extra: Sequence
         pts = [p for p in pts if p[0] and p[0] > 0]
         if not pts:
             continue
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, c=[colours[p[2]] for p in pts],
-                   edgecolors="black", linewidths=0.5, zorder=3)
+        _scatter_methods(ax, pts, marker, colours, highlight)
         front = pareto_front([(x, y) for x, y, _ in pts])
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", linestyle=line, color="0.4",
                 label=f"{label}: Pareto frontier ({marker_name(marker)})")
-        for x, y, m in pts:
-            ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8, color="0.15")
     ax.set_xscale("log")
     costs = [s["forward_passes"] for s in summary.values() if s["forward_passes"]]
     ticks = cost_ticks(costs)
@@ -273,7 +374,8 @@ def _cost_figure(results: EvalResults, benchmark: Sequence[str], extra: Sequence
 FIGURE_CAPTIONS: dict[str, str] = {
     "error_by_severity.png": "Mean error over the benchmark corruptions at each severity (0 = clean), one line per TTA method.",
     "corruption_heatmap.png": "Error per corruption (rows) and TTA method (columns), mean over the evaluated severities.",
-    "accuracy_vs_cost.png": "Accuracy against forward passes per image; the step lines join the methods no cheaper one beats.",
+    "accuracy_vs_cost.png": "Accuracy against forward passes per image; the step lines join the methods no cheaper one beats; "
+    "learned, prior and gps (where evaluated) are drawn large with bold labels.",
 }
 
 

@@ -19,7 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ltta.corruptions.names import BENCHMARK, EXTRA
-from ltta.evaluation.metrics import baseline_covers, ece, error_rate, mean_corruption_error, nll, relative_mce
+from ltta.evaluation.metrics import (
+    ROBUSTBENCH_SEVERITY, accuracy_at_severity, ece, error_rate, mean_corruption_error, nll,
+    relative_mce_where_defined, zero_baseline_corruptions,
+)
 from ltta.runtime import synchronize
 
 CLEAN = "clean"
@@ -189,6 +192,11 @@ def evaluate_methods(
     return EvalResults(records)
 
 
+def _has_results(table: Mapping[str, Mapping[int, float]], corruptions: Sequence[str]) -> bool:
+    """Whether ``table`` holds a result at some severity for each corruption (a baseline must, for mCE)."""
+    return bool(corruptions) and all(table.get(c) for c in corruptions)
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
@@ -268,8 +276,10 @@ class EvalResults:
         ``benchmark`` / ``extra`` default to the release's 15 / 4 corruptions that were evaluated;
         named explicitly, each must have been evaluated. Means over corruptions follow
         :func:`mean_corruption_error` (per corruption over severities, then over corruptions).
-        ``mce_vs_baseline`` is None without a baseline or where the baseline makes no error on a
-        corruption; a value missing for lack of sets is None too. ``unseen`` (benchmark corruptions
+        ``mce_vs_baseline`` is :func:`relative_mce_where_defined`: the mCE over the benchmark
+        corruptions on which the baseline errs, leaving out those where its summed error is 0 (CE
+        undefined; :meth:`mce_excluded` names them); None without a baseline, where the baseline errs
+        on none, or where it lacks results on one. A value missing for lack of sets is None too. ``unseen`` (benchmark corruptions
         held out of training: the unseen-corruption study) adds ``seen_error`` and ``unseen_error``,
         the same mean over the benchmark corruptions outside and inside it.
         """
@@ -293,8 +303,8 @@ class EvalResults:
             clean = self.clean(m)
             err, nll_t, ece_t = self.table(m, "error"), self.table(m, "nll"), self.table(m, "ece")
             mce_rel = None
-            if base_err is not None and baseline_covers(base_err, benchmark):
-                mce_rel = relative_mce(err, base_err, benchmark)
+            if base_err is not None and _has_results(base_err, benchmark):
+                mce_rel, _ = relative_mce_where_defined(err, base_err, benchmark)
             total_s = sum(r.n / r.images_per_s for r in rows)
             out[m] = {
                 "clean_error": clean.error if clean else None,
@@ -312,6 +322,35 @@ class EvalResults:
             if unseen:
                 out[m]["seen_error"] = mean_corruption_error(err, seen) if seen else None
                 out[m]["unseen_error"] = mean_corruption_error(err, unseen)
+        return out
+
+    def mce_excluded(self, benchmark: Sequence[str] | None = None, baseline_method: str | None = None) -> list[str] | None:
+        """The benchmark corruptions that ``mce_vs_baseline`` leaves out because the baseline makes no
+        error on them at any severity, so a report can say so; None where there is no such mCE at all
+        (no baseline, or the baseline lacks results on a corruption)."""
+        benchmark = list(self.default_groups()[0] if benchmark is None else benchmark)
+        if baseline_method is None:
+            return None
+        base_err = self.table(baseline_method)
+        return zero_baseline_corruptions(base_err, benchmark) if _has_results(base_err, benchmark) else None
+
+    def robustbench(self, benchmark: Sequence[str] | None = None) -> dict[str, dict[str, float | None]]:
+        """Per method, accuracy (100 - error, %) as RobustBench's CIFAR-10-C leaderboard reports it:
+        ``robustbench_sev5_acc``, the mean over ``benchmark`` at severity 5 (None where a corruption
+        lacks severity 5), and ``robustbench_all_acc``, the same over all evaluated severities.
+
+        Kept out of :meth:`summary` (hence out of MLflow and the DVC metrics): it restates the
+        corruption error as accuracy, for comparison with a leaderboard only.
+        """
+        benchmark = list(self.default_groups()[0] if benchmark is None else benchmark)
+        out: dict[str, dict[str, float | None]] = {}
+        for m in self.methods():
+            err = self.table(m)
+            has_sev5 = bool(benchmark) and all(ROBUSTBENCH_SEVERITY in err.get(c, {}) for c in benchmark)
+            out[m] = {
+                "robustbench_sev5_acc": accuracy_at_severity(err, benchmark, ROBUSTBENCH_SEVERITY) if has_sev5 else None,
+                "robustbench_all_acc": 100.0 - mean_corruption_error(err, benchmark) if benchmark else None,
+            }
         return out
 
     def severity_means(self, method: str, corruptions: Sequence[str]) -> dict[int, float]:
@@ -334,11 +373,13 @@ class EvalResults:
         baseline_method: str | None = None,
         unseen: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """The whole evaluation: ``summary`` per method, ``errors[method][corruption]`` by severity
-        and mean, and the set counts (``reports/eval.json``; the headline view is :func:`method_metrics`).
+        """The whole evaluation: ``summary`` per method (with :meth:`robustbench`'s two accuracies
+        added), ``errors[method][corruption]`` by severity and mean, the set counts, and
+        ``mce_excluded`` (the corruptions :meth:`mce_excluded` names; None without such an mCE)
+        (``reports/eval.json``; the headline view is :func:`method_metrics`).
 
-        Only nested dicts of numbers (None where undefined), rounded to 4 decimals, so a reader (or
-        ``ltta compare``) gets comparable numbers without re-running.
+        Nested dicts of numbers (None where undefined) rounded to 4 decimals, and the one list of
+        names, so a reader (or ``ltta compare``) gets comparable numbers without re-running.
         """
         default_b, default_e = self.default_groups()
         benchmark = list(default_b if benchmark is None else benchmark)
@@ -349,9 +390,11 @@ class EvalResults:
             for c, by_sev in self.table(m).items():
                 per[c] = {str(s): by_sev[s] for s in sorted(by_sev)} | {"mean": _mean(list(by_sev.values()))}
             errors[m] = per
+        summary = self.summary(benchmark, extra, baseline_method, unseen)
+        robust = self.robustbench(benchmark)
         return _round(
             {
-                "summary": self.summary(benchmark, extra, baseline_method, unseen),
+                "summary": {m: row | robust[m] for m, row in summary.items()},
                 "errors": errors,
                 "counts": {
                     "benchmark_corruptions": len(benchmark),
@@ -359,6 +402,7 @@ class EvalResults:
                     "severities": len(self.severities()),
                     "clean_images": next((r.n for r in self.records if r.corruption == CLEAN), 0),
                 },
+                "mce_excluded": self.mce_excluded(benchmark, baseline_method),
             }
         )
 
