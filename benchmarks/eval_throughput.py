@@ -8,7 +8,8 @@ noise, so no error rate here means anything. What is measured is the evaluation 
 
 Columns: images/s of the method; forward passes per image (the method's declared cost, in target
 passes: k views, plus the loss predictor's FLOPs over the target's for ``learned``, k for
-``prior`` (a random fixed choice here), C for the oracle); and the ratio ``images/s x passes /
+``prior`` (a random fixed choice here) and ``gps`` (k random FAA sub-policies + crop/flip), C for
+the oracle and the aggregators, forward + backward for ``tent``); and the ratio ``images/s x passes /
 ceiling``: 1.0 means the method runs the target as fast as the bare model does, the rest is
 overhead (making views, host syncs, small batches).
 
@@ -36,7 +37,25 @@ from ltta.runtime import make_generator, resolve_device, synchronize  # noqa: E4
 from ltta.tta import build_candidates, build_method  # noqa: E402
 
 NOTE = "random weights and random images: throughput only, the error rates are meaningless"
-METHODS = ("none", "flip", "five_crop", "random", "learned", "prior", "oracle")
+METHODS = ("none", "flip", "five_crop", "ten_crop", "random", "learned", "prior", "feat_pick", "gps", "agg_aug",
+           "agg_class", "bn_adapt", "tent", "oracle")
+
+
+def fitted_settings(target: torch.nn.Module, candidates: list[Any], k: int, device: torch.device) -> dict[str, dict[str, Any]]:
+    """What the methods fitted on validation data read, untrained (their cost does not depend on the fit):
+    feat_pick's head, a GPS policy of k random FAA sub-policies + crop/flip, the two aggregators."""
+    from ltta.tta.gps import GPSPolicy, gps_pool
+
+    classes = int(target.fc.out_features)
+    pool = gps_pool([], random_subpolicies=k, ops_per_subpolicy=3, crop_flip_samples=0,
+                    generator=torch.Generator().manual_seed(4))
+    head = build_model("feature_head", features=int(target.fc.in_features), classes=classes, num_outputs=len(candidates))
+    return {
+        "feat_pick": {"predictor": head.to(device).eval()},
+        "gps": {"policy": GPSPolicy(pool, [{"nll": 0.0, "temperature": 1.0, "error": 0.0}] * len(pool))},
+        **{kind: {"predictor": build_model(kind, views=len(candidates), classes=classes).to(device).eval()}
+           for kind in ("agg_aug", "agg_class")},
+    }
 
 
 def _forward_rate(model: torch.nn.Module, device: torch.device, batch: int, seconds: float) -> float:
@@ -116,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch.randint(0, 10, (args.n,), device=device, generator=gen))
         for i in range(args.sets + 1)
     ]
-    methods = {
-        m: build_method(m, target, candidates=candidates, k=args.k, predictor=predictor, prior=prior,
-                        generator=make_generator(2, device), batch_size=args.batch_size, device=device)
-        for m in args.methods
-    }
+    per_method = fitted_settings(target, candidates, args.k, device)
+    common = {"candidates": candidates, "k": args.k, "predictor": predictor, "prior": prior, "batch_size": args.batch_size,
+              "device": device}
+    methods = {m: build_method(m, target, generator=make_generator(2, device), **{**common, **per_method.get(m, {})})
+               for m in args.methods}
     evaluate_methods(methods, sets[:1], batch_size=args.eval_batch_size, progress=False)  # warm-up (allocator, cudnn)
     synchronize(device)
     t0 = time.perf_counter()

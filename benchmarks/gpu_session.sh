@@ -17,7 +17,8 @@
 #                  .wheels312/ (py3.12 wheels, carried from the workstation: bash benchmarks/gpu_wheels.sh) into /tmp/pydeps
 #   train    [~6]  benchmarks/train_throughput.py: WRN-40-2 in every mode (standard, augmix, policy,
 #                  auxiliary), eager and compiled, then the other architectures, standard, compiled (issue 5)
-#   eval     [~3]  benchmarks/eval_throughput.py at CIFAR-C's set size (10,000 images) (issue 6)
+#   eval     [~4]  benchmarks/eval_throughput.py at CIFAR-C's set size (10,000 images): every method, issue 19's
+#                  gps, agg_aug, agg_class, bn_adapt, tent and ten_crop included (issues 6, 19)
 #   corrupt  [~1]  benchmarks/corruption_throughput.py --device cuda, all 19 x 5 x 10,000 (issue 4)
 #   study-a  [~9]  benchmarks/dev_study.py, WRN-40-2, 200 epochs, standard + AugMix, every TTA method, the
 #                  cifar10 profile's loss predictor (width 48, 60 epochs, 128 rows per step):
