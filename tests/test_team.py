@@ -146,7 +146,11 @@ def test_deployment_runs_the_flow_on_a_worker_and_publishes_the_table(project: P
             done = _wait_for(flow_run.id, timeout=700)
         finally:
             worker.terminate()
-            worker.wait(timeout=30)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a loaded machine: the worker's graceful shutdown can outlast a minute
+                worker.kill()
+                worker.wait(timeout=30)
     assert done.state is not None and done.state.is_completed(), (done.state, (tmp_path / "worker.log").read_text()[-4000:])
     assert yaml.safe_load((project / "params.yaml").read_text())["evaluate"]["max_images"] == 60
     lock = yaml.safe_load((project / "dvc.lock").read_text())
