@@ -313,7 +313,23 @@ CATALOGUE: list[Fault] = [
           params={"search_policy": {"storage": "nosuchdb://x"}}, code=cli.EXIT_USAGE),
     Fault("search/prepared-missing", "search-policy", r"data/prepared", r"prepare",
           inject=removed("data/prepared/meta.json")),
+    # ---- search-gps
+    Fault("gps/valid-missing", "search-gps", r"data/loss/valid\.npz does not exist", r"run the stage .*dvc repro",
+          inject=removed("data/loss/valid.npz")),
+    Fault("gps/target-crafted-pickle", "search-gps", r"models/target\.pt .*refused it", r"delete it and rerun its stage",
+          inject=crafted("models/target.pt")),
+    Fault("gps/full-disk", "search-gps", r"no space left on device", r"free space .* and rerun", patch=full_disk),
+    # ---- fit-aggregation
+    Fault("aggregation/valid-labels-out-of-range", "fit-aggregation", r"valid\.npz: labels span \[\d+, 99\]",
+          r"rerun build_loss_dataset", inject=edit_npz("data/loss/valid.npz", lambda a: a["y"].__setitem__(0, 99))),
+    Fault("aggregation/full-disk", "fit-aggregation", r"no space left on device", r"free space .* and rerun",
+          patch=full_disk),
     # ---- evaluate
+    Fault("evaluate/gps-policy-unknown-op", "evaluate", r"gps\.json: unknown op 'Twirl'", r"rerun the search_gps stage",
+          inject=edit_json("policies/gps.json", lambda d: d["members"].__setitem__(0, {"ops": [{"op": "Twirl", "level": 0.5}],
+                                                                                        "crop_flip": True}))),
+    Fault("evaluate/aggregator-missing", "evaluate", r"aggregation_class\.pt", r"dvc repro",
+          inject=removed("models/aggregation_class.pt")),
     Fault("evaluate/predictor-crafted-pickle", "evaluate", r"models/predictor\.pt .*refused it.*posix\.mkdir",
           r"delete it and rerun its stage",
           inject=crafted("models/predictor.pt")),
