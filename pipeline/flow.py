@@ -1,4 +1,4 @@
-"""The ltta pipeline as a Prefect flow: the six DVC stages in order, each a retried task.
+"""The ltta pipeline as a Prefect flow: the DVC stages in order (ltta.stages.ORDER), each a retried task.
 
 Each task runs ``dvc repro --single-item <stage>``, so DVC still decides what is stale and an
 up-to-date stage costs nothing. The flow opens a parent MLflow run and exports its id
