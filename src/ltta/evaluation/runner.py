@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ltta.corruptions.names import BENCHMARK, EXTRA
 from ltta.evaluation.metrics import (
-    ROBUSTBENCH_SEVERITY, accuracy_at_severity, ece, error_rate, mean_corruption_error, nll,
+    ROBUSTBENCH_SEVERITY, accuracy_at_severity, baseline_covers, ece, error_rate, mean_corruption_error, nll,
     relative_mce_where_defined, zero_baseline_corruptions,
 )
 from ltta.runtime import synchronize
@@ -192,11 +192,6 @@ def evaluate_methods(
     return EvalResults(records)
 
 
-def _has_results(table: Mapping[str, Mapping[int, float]], corruptions: Sequence[str]) -> bool:
-    """Whether ``table`` holds a result at some severity for each corruption (a baseline must, for mCE)."""
-    return bool(corruptions) and all(table.get(c) for c in corruptions)
-
-
 def _mean(values: Sequence[float]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
@@ -303,7 +298,7 @@ class EvalResults:
             clean = self.clean(m)
             err, nll_t, ece_t = self.table(m, "error"), self.table(m, "nll"), self.table(m, "ece")
             mce_rel = None
-            if base_err is not None and _has_results(base_err, benchmark):
+            if base_err is not None and baseline_covers(base_err, benchmark):
                 mce_rel, _ = relative_mce_where_defined(err, base_err, benchmark)
             total_s = sum(r.n / r.images_per_s for r in rows)
             out[m] = {
@@ -332,7 +327,7 @@ class EvalResults:
         if baseline_method is None:
             return None
         base_err = self.table(baseline_method)
-        return zero_baseline_corruptions(base_err, benchmark) if _has_results(base_err, benchmark) else None
+        return zero_baseline_corruptions(base_err, benchmark) if baseline_covers(base_err, benchmark) else None
 
     def robustbench(self, benchmark: Sequence[str] | None = None) -> dict[str, dict[str, float | None]]:
         """Per method, accuracy (100 - error, %) as RobustBench's CIFAR-10-C leaderboard reports it:

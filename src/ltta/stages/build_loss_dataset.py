@@ -18,10 +18,9 @@ from tqdm import tqdm
 from ltta import tracking
 from ltta.config import Params
 from ltta.io import atomic_dir, save_npz, write_json
-from ltta.model_io import load_model_source
 from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw, to_uint8_nhwc
 from ltta.stages.base import Paths, mlflow_stage
-from ltta.stages.inputs import check_target_classes, labelled_images, model_location, prepared_meta, split_indices
+from ltta.stages.inputs import labelled_images, load_target, prepared_meta, split_indices
 from ltta.tta import Candidate, build_candidates, candidate_losses, identity_index, predictor_training_inputs
 
 STAGE = "build_loss_dataset"
@@ -83,9 +82,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     meta = prepared_meta(paths)
     x_train, y_train = labelled_images(paths.prepared / "train.npz", meta)
     splits = split_indices(paths.prepared / "splits.npz", len(y_train))
-    source = model_location(ld.target, paths)
-    target, target_extra = load_model_source(source, device)
-    check_target_classes(source, target_extra, meta)
+    target = load_target(ld.target, paths, meta, device)
     candidates = build_candidates(ld.candidates)
     ident = identity_index(candidates)
 

@@ -33,7 +33,7 @@ from ltta.io import atomic_dir, atomic_path, write_json, write_text
 from ltta.model_io import load_model_source
 from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw, to_uint8_nhwc
 from ltta.stages.base import Paths, mlflow_stage
-from ltta.stages.inputs import check_target_classes, labelled_images, model_location, prepared_meta
+from ltta.stages.inputs import labelled_images, load_target, model_location, prepared_meta
 from ltta.stages.fit_aggregation import aggregator_path
 from ltta.transforms.policy import load_policy
 from ltta.tta import build_candidates, build_method
@@ -129,8 +129,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     with tempfile.TemporaryDirectory(prefix="ltta-evaluate-") as tmp:
         # The files the learned TTA model is logged with: the very ones evaluated, wherever they came from.
         files = {"target": Path(tmp) / "target.pt", "predictor": Path(tmp) / "predictor.pt"}
-        target, target_extra = load_model_source(target_src, device, copy_to=files["target"])
-        check_target_classes(target_src, target_extra, meta_data)
+        target = load_target(e.target, paths, meta_data, device, copy_to=files["target"])
         predictor, pextra = (
             load_model_source(predictor_src, device, copy_to=files["predictor"]) if needs_predictor_file else (None, {})
         )

@@ -16,10 +16,10 @@ import torch
 from ltta import tracking
 from ltta.config import Params
 from ltta.io import write_text
-from ltta.model_io import load_model_source, save_model_file
+from ltta.model_io import save_model_file
 from ltta.runtime import resolve_device, seed_everything
 from ltta.stages.base import Paths, mlflow_stage
-from ltta.stages.inputs import check_target_classes, loss_meta, model_location, prepared_meta, validation_split
+from ltta.stages.inputs import load_target, loss_meta, prepared_meta, validation_split
 from ltta.tta import build_candidates
 from ltta.tta.aggregation import AGGREGATORS, aggregator_temperature, candidate_logits, fit_aggregator
 
@@ -47,9 +47,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     meta = prepared_meta(paths)
     lmeta = loss_meta(paths)
     names = list(lmeta["candidates"])
-    source = model_location(a.target, paths)
-    target, extra = load_model_source(source, device)
-    check_target_classes(source, extra, meta)
+    target = load_target(a.target, paths, meta, device)
     x, y = validation_split(paths, meta, device)
     with mlflow_stage(STAGE, params, ("fit_aggregation",)):
         z = candidate_logits(target, x, build_candidates(names))

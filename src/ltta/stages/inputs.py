@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ltta.io import load_npz, read_json
-from ltta.model_io import is_model_uri
+from ltta.model_io import is_model_uri, load_model_source
 from ltta.runtime import to_float_nchw
 from ltta.stages.base import Paths
 
@@ -69,6 +69,16 @@ def validation_split(paths: Paths, meta: dict[str, Any], device: torch.device) -
 def model_location(source: str, paths: Paths) -> str | Path:
     """A params model source as a stage reads it: an MLflow URI as is, a file under the project root."""
     return source if is_model_uri(source) else paths.root / source
+
+
+def load_target(source: str, paths: Paths, meta: dict[str, Any], device: torch.device, *,
+                copy_to: Path | None = None) -> torch.nn.Module:
+    """The target a params model source names (a file under the root or an MLflow URI), checked to be
+    trained on the prepared data's classes: what every stage that reads the target starts with."""
+    location = model_location(source, paths)
+    target, extra = load_model_source(location, device, copy_to=copy_to)
+    check_target_classes(location, extra, meta)
+    return target
 
 
 def check_target_classes(path: str | Path, extra: dict[str, Any], meta: dict[str, Any]) -> None:

@@ -15,10 +15,9 @@ import csv
 from ltta import tracking
 from ltta.config import Params
 from ltta.io import atomic_path, write_text
-from ltta.model_io import load_model_source
 from ltta.runtime import make_generator, resolve_device, seed_everything
 from ltta.stages.base import Paths, mlflow_stage
-from ltta.stages.inputs import check_target_classes, loss_meta, model_location, prepared_meta, validation_split
+from ltta.stages.inputs import load_target, loss_meta, model_location, prepared_meta, validation_split
 from ltta.tta.gps import GPSPolicy, gps_pool, greedy_policy_search, policy_from_search, pool_log_probs, save_gps_policy
 
 STAGE = "search_gps"
@@ -51,9 +50,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     seed_everything(params.seed)
     meta = prepared_meta(paths)
     candidates = loss_meta(paths)["candidates"]
-    source = model_location(g.target, paths)
-    target, extra = load_model_source(source, device)
-    check_target_classes(source, extra, meta)
+    target = load_target(g.target, paths, meta, device)
     x, y = validation_split(paths, meta, device)
     with mlflow_stage(STAGE, params, ("search_gps",)):
         pool = gps_pool(candidates, g.random_subpolicies, g.ops_per_subpolicy, g.crop_flip_samples,
@@ -61,7 +58,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         log_probs = pool_log_probs(target, x, pool, make_generator(params.seed, device), g.batch_size, progress=True)
         steps = greedy_policy_search(log_probs, y, g.length, calibrate=g.calibrate, progress=True)
         policy = policy_from_search(pool, steps, {"method": "gps", "pool": len(pool), "images": int(len(y)),
-                                                  "calibrate": g.calibrate, "target": str(source)})
+                                                  "calibrate": g.calibrate, "target": str(model_location(g.target, paths))})
         save_gps_policy(paths.gps_policy, policy)
         write_steps_csv(paths.plots / "gps_search.csv", policy)
         write_text(paths.reports / "gps_search.md", policy_markdown(policy))

@@ -27,8 +27,7 @@ from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.inputs import loss_meta, loss_split, prepared_meta
 from ltta.stages.train_sorter import load_or_train_sorter
 from ltta.stages.train_target import write_curve
-from ltta.model_io import load_model_source
-from ltta.stages.inputs import check_target_classes, model_location
+from ltta.stages.inputs import load_target
 from ltta.training.predictor import PredictorConfig, prior_scores, train_predictor
 from ltta.tta import build_candidates, flip_ensemble_probs
 from ltta.tta.abstain import choose_margin
@@ -110,9 +109,7 @@ def _train_feature_head(params: Params, paths: Paths, device: torch.device, meta
     fh = params.train_predictor.feature_head
     assert fh is not None
     x_train, losses_train, x_valid, losses_valid = tables
-    source = model_location(params.loss_dataset.target, paths)
-    target, target_extra = load_model_source(source, device)
-    check_target_classes(source, target_extra, data_meta)
+    target = load_target(params.loss_dataset.target, paths, data_meta, device)
     batch = params.loss_dataset.batch_size
 
     def rows(x: np.ndarray) -> torch.Tensor:  # features and logits as [N, D+K, 1, 1], batch by batch from uint8

@@ -55,7 +55,6 @@ from ltta.tta.temperature import calibrated_nll, nll_of, scaled_log_probs
 
 GPS_FORMAT = "ltta-gps-policy"
 GPS_VERSION = 1
-_TINY = math.log(torch.finfo(torch.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -262,4 +261,4 @@ class GPSTTA(TTAMethod):
 
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         mean = self._mean_over_views([m.views(x, self.generator) for m in self.members])
-        return scaled_log_probs(mean.float().clamp_min(math.exp(_TINY)).log(), self.temperature).exp()
+        return scaled_log_probs(mean.float().log(), self.temperature).exp()  # log 0 = -inf: clamped there
