@@ -57,7 +57,7 @@ from ltta.corruptions import ALL_CORRUPTIONS, corrupt_images, derive_seed  # noq
 from ltta.io import save_torch, write_json, write_text  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import to_float_nchw  # noqa: E402
-from ltta.training.target import TrainConfig, predict_proba, train_classifier  # noqa: E402
+from ltta.training import TrainConfig, predict_proba, train_classifier  # noqa: E402
 
 REFERENCE_SCRIPT = "make_cifar_c.py"
 # Corruptions whose output is a deterministic function of the image; all others draw randomness.

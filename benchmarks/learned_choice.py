@@ -57,7 +57,7 @@ from ltta.tta.scoring import predictor_scores  # noqa: E402
 from ltta.data import loss_predictor_split  # noqa: E402
 from ltta.runtime import make_generator, resolve_device  # noqa: E402
 from ltta.training.predictor import PredictorConfig  # noqa: E402
-from ltta.training.target import predict_proba  # noqa: E402
+from ltta.models.inference import predict_proba  # noqa: E402
 from ltta.tta import apply_candidate, candidate_losses, flip_ensemble_probs, identity_index, predictor_training_inputs  # noqa: E402
 from ltta.tta.target_features import target_features  # noqa: E402
 

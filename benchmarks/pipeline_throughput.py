@@ -39,7 +39,7 @@ from ltta.evaluation import CLEAN, EvalSet, evaluate_methods  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import make_generator, resolve_device, to_float_nchw, synchronize  # noqa: E402
 from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
-from ltta.training.target import TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
+from ltta.training import TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
 from ltta.tta import build_candidates, build_method, candidate_losses, identity_index, predictor_training_inputs  # noqa: E402
 
 

@@ -44,7 +44,7 @@ from ltta.models import build_model  # noqa: E402
 from ltta.runtime import resolve_device, to_float_nchw  # noqa: E402
 from ltta.search import SearchSpec, search_policy  # noqa: E402
 from ltta.search.worker import run_search_worker  # noqa: E402
-from ltta.training.target import TrainConfig, train_classifier  # noqa: E402
+from ltta.training import TrainConfig, train_classifier  # noqa: E402
 from ltta.transforms.policy import save_policy  # noqa: E402
 
 

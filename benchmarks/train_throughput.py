@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import resolve_device, synchronize  # noqa: E402
-from ltta.training.target import TRAIN_MODES, TrainConfig, train_classifier  # noqa: E402
+from ltta.training import TrainConfig, train_classifier  # noqa: E402
+from ltta.training.modes import TRAIN_MODES  # noqa: E402
 from ltta.transforms.ops import FAA_OPS  # noqa: E402
 from ltta.transforms.policy import CompiledPolicy, OpSpec, Policy  # noqa: E402
 

@@ -12,14 +12,9 @@ import torch
 
 from ltta.models import build_model
 from ltta.training.augmix import AUGMIX_OPS, apply_chain_step, augmix, jsd_loss, mix
-from ltta.training.target import (
-    TRAIN_MODES,
-    CheckpointMismatchError,
-    TrainConfig,
-    cutout_default,
-    evaluate_classifier,
-    train_classifier,
-)
+from ltta.training import CheckpointMismatchError, TrainConfig, evaluate_classifier, train_classifier
+from ltta.training.modes import TRAIN_MODES
+from ltta.training.preparation import cutout_default
 from ltta.transforms import functional as TF
 from ltta.transforms.policy import CompiledPolicy, OpSpec, Policy
 from test_training import assert_kill_and_resume_is_exact

@@ -18,7 +18,7 @@ from ltta.corruptions.names import ALL_CORRUPTIONS
 from ltta.model_io import load_model_file, save_model_file
 from ltta.models import build_model
 from ltta.models.auxiliary import AuxiliaryNet, SelectiveBatchNorm2d
-from ltta.training.auxiliary import (
+from ltta.training.modes.auxiliary import (
     AUX_FAMILIES,
     DEFAULT_FAMILIES,
     FAMILY_OVERLAPS,
@@ -27,7 +27,8 @@ from ltta.training.auxiliary import (
     auxiliary_merge_weight,
     pil_gaussian_blur,
 )
-from ltta.training.target import TRAIN_MODES, Forward, TrainConfig, evaluate_classifier, train_classifier
+from ltta.training import TrainConfig, evaluate_classifier, train_classifier
+from ltta.training.modes import TRAIN_MODES, Forward
 from ltta.transforms import functional as TF
 
 

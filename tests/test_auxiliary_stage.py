@@ -15,7 +15,7 @@ from ltta.models import build_model
 from ltta.runtime import to_uint8_nhwc
 from ltta.stages import train_target
 from ltta.stages.base import Paths
-from ltta.training.target import TrainConfig
+from ltta.training import TrainConfig
 from tests.conftest import tiny_params
 
 

@@ -24,7 +24,7 @@ from ltta.config import ParamsError
 from ltta.corruptions import ALL_CORRUPTIONS
 from ltta.models import MODELS
 from ltta.training.predictor import PredictorConfig
-from ltta.training.target import TRAIN_MODES
+from ltta.training.modes import TRAIN_MODES
 from ltta.tta import TTA_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]

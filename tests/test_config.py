@@ -102,9 +102,9 @@ def test_schema_literals_match_their_registries() -> None:
     """Keys typed as a Literal list a registry's names by hand: they must not drift from it."""
     from ltta.config import DataParams, EvaluateParams, SorterParams, TrainPredictorParams, TrainTargetParams
     from ltta.data.sources import SOURCES
-    from ltta.training.auxiliary import AUX_FAMILIES
+    from ltta.training.modes.auxiliary import AUX_FAMILIES
     from ltta.training.predictor import OBJECTIVES, OPTIMIZERS
-    from ltta.training.target import TRAIN_MODES
+    from ltta.training.modes import TRAIN_MODES
     from ltta.tta import RANKERS, SELECTIONS, TTA_METHODS
     from ltta.tta.sodeep import SORTERS
 

@@ -65,7 +65,7 @@ def _bn_net() -> nn.Module:
 
 def _record_saves(out: Path, rank: int, tag: str) -> None:
     """Wrap the trainer's checkpoint writer to note which process called it (then write as usual)."""
-    import ltta.training.target as target
+    import ltta.checkpoint as target
 
     real = getattr(target.save_torch, "__wrapped__", target.save_torch)
 

@@ -556,7 +556,7 @@ class _Poisoned(torch.nn.Module):
 
 def test_nan_mid_training_stops_at_the_step_keeps_the_last_good_epoch_and_resumes_with_a_lower_lr(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from ltta.training.target import TrainConfig, train_classifier
+    from ltta.training import TrainConfig, train_classifier
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(64, 3, 8, 8, generator=gen), torch.randint(0, 4, (64,), generator=gen)

@@ -16,7 +16,9 @@ from ltta.compose import compose_params
 from ltta.config import Params, ParamsError, TrainTargetParams, load_params, parse_params
 from ltta.corruptions import ALL_CORRUPTIONS, BENCHMARK, EXTRA, FAMILIES, random_corruptions
 from ltta.evaluation import EvalResults, results_markdown
-from ltta.training.target import TrainConfig, _batch_preparation, _corruption_augment
+from ltta.training import TrainConfig
+from ltta.training.corruption_mixing import corruption_augment as _corruption_augment
+from ltta.training.preparation import batch_preparation as _batch_preparation
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -159,7 +161,7 @@ def test_training_corruptions_are_the_predictors_draws() -> None:
 
 def test_trainer_corrupts_before_the_policy_and_pins_the_list(tmp_path: Path) -> None:
     from ltta.models import build_model
-    from ltta.training.target import CheckpointMismatchError, train_classifier
+    from ltta.training import CheckpointMismatchError, train_classifier
 
     x, y = _images(64), torch.arange(64) % 10
     seen: list[torch.Tensor] = []

@@ -11,7 +11,7 @@ from PIL import Image, ImageEnhance, ImageOps
 import ltta.transforms.functional as TF
 from ltta.models.loss_predictor import LossPredictor
 from ltta.models.small_cnn import SmallCNN
-from ltta.training.target import predict_proba
+from ltta.models.inference import predict_proba
 from ltta.transforms.policy import OpSpec, Policy
 from ltta.tta.candidates import grouped_views
 from ltta.tta import (

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (so a lock or temp file it holds is not stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -37,7 +38,7 @@ def _sweep_stale_temps(final: Path) -> None:
     prefix = f".{final.name}."
     for stale in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         pid = stale.name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             stale.unlink(missing_ok=True)
 
 

@@ -20,7 +20,6 @@ determines them, so either copy is the same model.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -29,38 +28,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ltta.io import load_error_reason, save_torch
-
-
-def data_digest(*tensors: torch.Tensor | np.ndarray) -> str:
-    """SHA-256 of the tensors' bytes and shapes (a fold model is only reused on identical data)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        arr = t.detach().cpu().contiguous().numpy() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
-        h.update(f"{arr.dtype}{arr.shape}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from ltta.io import load_error_reason, pid_alive, save_torch
 
 
 class FoldModelCache:
     """Fold models under ``directory``, named ``fold{f}-{key}.pt``.
 
     ``key`` must change whenever the trained model would (training settings, data, fold
-    split); :func:`data_digest` and the caller's parameter hash make it. ``build()`` returns an
+    split); :func:`ltta.checkpoint.data_digest` and the caller's settings hash
+    (:func:`ltta.checkpoint.stable_hash`) make it. ``build()`` returns an
     untrained module of the fold models' architecture, the one a saved state dict is loaded into.
     """
 
@@ -109,7 +88,7 @@ class FoldModelCache:
         except (OSError, ValueError):
             return False  # being written right now
         if holder.get("host") == self._me["host"] and isinstance(holder.get("pid"), int):
-            if not _pid_alive(holder["pid"]):
+            if not pid_alive(holder["pid"]):
                 return True
         return age > self.stale_after
 

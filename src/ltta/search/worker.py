@@ -16,8 +16,6 @@ Without a storage, the studies live in memory and the loop is the plain sequenti
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -30,6 +28,7 @@ import torch
 from optuna.storages import BaseStorage
 from torch import nn
 
+from ltta.checkpoint import data_digest, stable_hash
 from ltta.search.faa import (
     Augment,
     OnTrial,
@@ -44,7 +43,7 @@ from ltta.search.faa import (
     trial_counts,
     trial_eval_seed,
 )
-from ltta.search.model_cache import FoldModelCache, data_digest
+from ltta.search.model_cache import FoldModelCache
 from ltta.search.storage import make_storage
 from ltta.transforms.functional import random_crop_flip
 from ltta.transforms.policy import Policy
@@ -145,7 +144,7 @@ def run_search_worker(
         if cache is None:
             model = train_fn(x_dm, y_dm, fold).to(dev)
         else:
-            key = hashlib.sha256(json.dumps([cache_key, fold, data_digest(x_dm, y_dm)]).encode()).hexdigest()[:16]
+            key = stable_hash([cache_key, fold, data_digest(x_dm, y_dm)])
             model = cache.load(fold, key, dev)
             if model is None:
                 with cache.claim(fold, key) as mine:

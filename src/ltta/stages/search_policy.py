@@ -14,8 +14,6 @@ joins them, waits for every fold's trials and writes the outputs (see ``ltta.sea
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from tqdm import tqdm
 from ltta import tracking
 from ltta.config import Params
 from ltta.data import subsample_stratified
+from ltta.checkpoint import stable_hash
 from ltta.io import atomic_path, save_figure, write_json
 from ltta.models import build_model
 from ltta.runtime import resolve_device, seed_everything, to_float_nchw
@@ -33,7 +32,8 @@ from ltta.search import SearchSpec, default_model_cache, run_search_worker, sear
 from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.inputs import labelled_images, prepared_meta
 from ltta.stages.train_target import model_kwargs
-from ltta.training.target import TrainConfig, train_classifier
+from ltta.training.config import TrainConfig
+from ltta.training.target import train_classifier
 from ltta.transforms.policy import save_policy
 
 STAGE = "search_policy"
@@ -122,9 +122,8 @@ def run(params: Params, paths: Paths = Paths(), worker: bool = False) -> None:
         tracking.log_metrics({f"fold{fold}_score": score}, step=trial)
 
     # Fold models are cached beside a SQLite storage (trained once, shared by workers), keyed by what shapes them.
-    cache_key = hashlib.sha256(json.dumps(
-        [t.arch, kwargs, t.batch_size, t.lr, t.weight_decay, t.amp, t.channels_last, s.epochs, params.seed],
-        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cache_key = stable_hash(
+        [t.arch, kwargs, t.batch_size, t.lr, t.weight_decay, t.amp, t.channels_last, s.epochs, params.seed])
     spec = SearchSpec(num_folds=s.folds, fold_ratio=s.fold_ratio, num_trials=s.trials, num_policies=s.policies,
                       num_ops=s.ops, top_n=s.top_n, repeats=s.repeats, seed=params.seed)
     options = dict(train_fn=train_fold_model, device=device, storage=s.storage,

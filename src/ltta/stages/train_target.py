@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
-import json
 from typing import Any
 
 import torch
 
 from ltta import tracking
 from ltta.config import Params, TrainTargetParams
+from ltta.checkpoint import file_digest, stable_hash
 from ltta.io import atomic_path, write_json
 from ltta.model_io import save_model_file
 from ltta.models import build_model
@@ -32,7 +31,9 @@ from ltta.runtime import seed_everything, to_float_nchw
 from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.inputs import labelled_images, prepared_meta
 from ltta.training.distributed import DistContext, distributed_session
-from ltta.training.target import RESUMABLE_CHANGES, TrainConfig, evaluate_classifier, train_classifier
+from ltta.models.inference import evaluate_classifier
+from ltta.training.config import TrainConfig
+from ltta.training.target import RESUMABLE_CHANGES, train_classifier
 from ltta.transforms.policy import CompiledPolicy, load_policy
 
 STAGE = "train_target"
@@ -108,12 +109,10 @@ def _run(params: Params, paths: Paths, proc: DistContext) -> None:
     cfg = train_config(p, params.seed)
     kwargs = model_kwargs(p.width, meta)
     policy = load_policy(paths.root / p.policy) if p.mode == "policy" else None
-    policy_digest = hashlib.sha256((paths.root / p.policy).read_bytes()).hexdigest() if policy is not None else None
+    policy_digest = file_digest(paths.root / p.policy) if policy is not None else None
     # The checkpoint's name leaves out what a resume may change (the lr, lowered after a divergence).
     named = {k: v for k, v in p.model_dump().items() if k not in RESUMABLE_CHANGES}
-    fingerprint = hashlib.sha256(
-        json.dumps([named, kwargs, params.seed, policy_digest], sort_keys=True, default=str).encode()
-    ).hexdigest()[:12]
+    fingerprint = stable_hash([named, kwargs, params.seed, policy_digest], 12)
     ckpt = paths.checkpoints / f"target-{fingerprint}.pt"
 
     # The checkpoint goes only once the MLflow run has closed: a tracking server failing at the end

@@ -29,11 +29,10 @@ here, Pearson of the softmaxes there), plus the same for a random ranking as a b
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ltta.checkpoint import private_rng
 from ltta.registry import Registry
 from ltta.tta.listwise import softmin_cross_entropy
 from ltta.tta.ranking import RANKERS, Ranker, build_ranker, sodeep_style_rank_mse, spearman_loss, spearman_rho
@@ -229,15 +229,6 @@ class WeightEMA:
         self.updates += 1
 
 
-@contextlib.contextmanager
-def _private_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed the global RNG (dropout, branch drop) for the block and restore it afterwards."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _check_loss_table(x: torch.Tensor, losses: torch.Tensor, name: str) -> None:
     if x.dim() != 4:
         raise ValueError(f"{name}: images must be [N,3,H,W], got {tuple(x.shape)}")
@@ -407,7 +398,7 @@ def train_predictor(
     side = cfg.cutout * xt.shape[-1]
     history: list[dict[str, float]] = []
     epochs = tqdm(range(1, cfg.epochs + 1), desc="predictor", disable=not progress)
-    with _private_rng(cfg.seed, dev):
+    with private_rng(dev, cfg.seed):  # the global stream (dropout, branch drop), private to the run
         for epoch in epochs:
             t0 = time.time()
             predictor.train()

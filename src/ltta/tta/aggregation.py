@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltta.models import build_model
-from ltta.training.target import _batched_logits, _eval_mode
+from ltta.models.inference import batched_logits, eval_mode
 from ltta.tta.candidates import Candidate, apply_candidate
 from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod
 from ltta.tta.temperature import fit_temperature
@@ -37,10 +37,10 @@ def candidate_logits(target: nn.Module, x: torch.Tensor, candidates: Sequence[Ca
                      amp: bool = True) -> torch.Tensor:
     """The target's logits float32 [N, A, K] under each candidate view of ``x`` (on ``x``'s device)."""
     per_view = []
-    with _eval_mode(target):
+    with eval_mode(target):
         for cand in candidates:
             view = apply_candidate(x, cand)
-            per_view.append(torch.cat([z.to(x.device) for _, z in _batched_logits(target, view, batch_size, amp)]))
+            per_view.append(torch.cat([z.to(x.device) for _, z in batched_logits(target, view, batch_size, amp)]))
     if not per_view:
         raise ValueError("candidate_logits needs at least one candidate")
     return torch.stack(per_view, dim=1)

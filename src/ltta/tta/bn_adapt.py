@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltta.training.target import predict_proba
+from ltta.models.inference import predict_proba
 from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod
 
 

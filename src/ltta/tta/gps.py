@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 import ltta.transforms.functional as TF
 from ltta.io import read_json, write_json
-from ltta.training.target import predict_proba
+from ltta.models.inference import predict_proba
 from ltta.transforms.ops import FAA_OPS, op_names
 from ltta.transforms.policy import OpSpec, apply_subpolicy
 from ltta.tta.candidates import apply_candidate, parse_candidate

@@ -20,13 +20,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ltta.tta.methods import SELECTIONS, TTA_METHODS, MethodContext, TTAMethod, _check_k_within_candidates, flops_per_image
-from ltta.tta.scoring import eval_mode, module_device, predictor_scores
+from ltta.models.inference import eval_mode, model_device
+from ltta.tta.scoring import predictor_scores
 from ltta.tta.target_features import PooledFeatures, target_features
 
 
 def head_flops(head: nn.Module, inputs: int) -> int:
     """FLOPs of the head on one row of ``inputs`` values (eval mode)."""
-    x = torch.zeros(2, inputs, 1, 1, device=module_device(head))  # 2 rows: batch norm needs no more in eval
+    x = torch.zeros(2, inputs, 1, 1, device=model_device(head))  # 2 rows: batch norm needs no more in eval
     with eval_mode(head), torch.no_grad(), FlopCounterMode(display=False) as counter:
         head(x)
     return int(counter.get_total_flops()) // 2

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import ltta.transforms.functional as TF
-from ltta.training.target import predict_proba
+from ltta.models.inference import predict_proba
 from ltta.tta.candidates import Candidate, apply_candidate
 
 # dataloader.py, CorruptedDataset (norm != 'intensive'): the deformation choices.
@@ -140,7 +140,7 @@ def candidate_losses(
 
     Returns ``(losses float32 [N,C], correct bool [N,C])`` on ``x``'s device. For each
     candidate, one batched pass: the view of the whole set is made on ``device`` (default: the
-    target's) and classified with :func:`~ltta.training.target.predict_proba` (eval mode, bf16
+    target's) and classified with :func:`~ltta.models.inference.predict_proba` (eval mode, bf16
     autocast on CUDA when ``amp``). The loss is ``-log p[y]``, clamped at float32's smallest
     normal number (a loss of at most 87.3) so an underflowed probability stays finite.
     """

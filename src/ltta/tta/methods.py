@@ -30,11 +30,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ltta.transforms.functional as TF
 from ltta.registry import Registry
+from ltta.models.inference import eval_mode, model_device, predict_proba
 from ltta.runtime import make_generator
-from ltta.training.target import predict_proba
 from ltta.tta.abstain import select_abstain
 from ltta.tta.candidates import Candidate, build_candidates, grouped_views
-from ltta.tta.scoring import eval_mode, flip_ensemble_probs, module_device
+from ltta.tta.scoring import flip_ensemble_probs
 
 
 @dataclass
@@ -364,7 +364,7 @@ def flops_per_image(model: nn.Module, image_size: int) -> int:
     """
     cached = _FLOPS_CACHE.setdefault(model, {})
     if image_size not in cached:
-        x = torch.zeros(1, 3, image_size, image_size, device=module_device(model))
+        x = torch.zeros(1, 3, image_size, image_size, device=model_device(model))
         with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
         cached[image_size] = int(counter.get_total_flops())
@@ -553,7 +553,7 @@ def build_method(
     ``selection`` / ``threshold``: how ``learned`` picks its k views (:data:`SELECTIONS`).
     ``bn_prior``: ``bn_adapt``'s prior strength N.
     """
-    dev = torch.device(device) if device is not None else module_device(target)
+    dev = torch.device(device) if device is not None else model_device(target)
     if candidates is None:
         cands = build_candidates("all")
     elif isinstance(candidates, str):

@@ -13,34 +13,15 @@ distribution, and for candidate sets with flips :func:`mirror_permutation` align
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 import ltta.transforms.functional as TF
+from ltta.models.inference import eval_mode, model_device
 from ltta.tta.candidates import Candidate, mirror_permutation
-
-
-def module_device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block, the caller's mode afterwards."""
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)
 
 
 @torch.no_grad()
@@ -54,7 +35,7 @@ def predictor_scores(predictor: nn.Module, x: torch.Tensor, batch_size: int = 10
         raise ValueError(f"expected images [N,3,H,W], got shape {tuple(x.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = module_device(predictor)
+    dev = model_device(predictor)
     out = []
     with eval_mode(predictor):
         for start in range(0, x.shape[0], batch_size):

@@ -41,7 +41,6 @@ and trains it only when it is not there (``ltta train-sorter`` trains it ahead, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -53,6 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ltta.checkpoint import private_rng, stable_hash
 from ltta.io import load_torch, save_torch
 from ltta.registry import Registry
 from ltta.tta.ranking import exact_rank, normalized_descending_rank, spearman_rho
@@ -206,8 +206,7 @@ class SorterConfig:
 
     def key(self) -> str:
         """A file name that identifies these settings (and the code's format version)."""
-        blob = json.dumps({"format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
-        digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+        digest = stable_hash({"format": FORMAT_VERSION, **asdict(self)}, 10)
         return f"sodeep_{self.model}_L{self.seq_len}_seed{self.seed}_{digest}"
 
 
@@ -243,8 +242,7 @@ def train_sorter(
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     valid = random_sequences(cfg.valid_sequences, cfg.seq_len, torch.Generator(device=dev).manual_seed(cfg.seed + 1), dev)
-    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)  # the networks' initial weights
+    with private_rng(dev, cfg.seed):  # the networks' initial weights
         model = build_sorter(cfg.model, cfg.seq_len).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     criterion = nn.L1Loss()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltta.training.target import _batched_logits, _eval_mode
+from ltta.models.inference import batched_logits, eval_mode
 
 
 class PooledFeatures(nn.Module):
@@ -46,14 +46,14 @@ def target_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features float32 [N,D], logits float32 [N,K])`` of the frozen ``target`` on ``x``'s device.
 
-    Eval mode and bf16 autocast on CUDA, as :func:`~ltta.training.target.predict_proba`; the
+    Eval mode and bf16 autocast on CUDA, as :func:`~ltta.models.inference.predict_proba`; the
     logits' softmax is the target's prediction for the untransformed image.
     """
     tap = PooledFeatures(target)
     d, _ = tap.dims
     outs = []
-    with _eval_mode(target):
-        for _, out in _batched_logits(tap, x, batch_size, amp):
+    with eval_mode(target):
+        for _, out in batched_logits(tap, x, batch_size, amp):
             outs.append(out.to(x.device))
     if not outs:
         raise ValueError("target_features got an empty batch (N = 0)")

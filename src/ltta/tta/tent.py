@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod
-from ltta.tta.scoring import module_device
+from ltta.models.inference import model_device
 
 TENT_LR = 1e-3  # cfgs/tent.yaml OPTIM.LR
 TENT_BETAS = (0.9, 0.999)  # OPTIM.BETA 0.9, torch's default second moment
@@ -102,7 +102,7 @@ class TentTTA(TTAMethod):
 
 def _forward_backward_ratio(model: nn.Module, params: list[nn.Parameter], image_size: int) -> float:
     """FLOPs of TENT's forward + backward (to the BN parameters) over the forward's, on a 2-image batch."""
-    x = torch.rand(2, 3, image_size, image_size, device=module_device(model))
+    x = torch.rand(2, 3, image_size, image_size, device=model_device(model))
     with FlopCounterMode(display=False) as fwd, torch.no_grad():
         model(x)
     state = copy.deepcopy(model.state_dict())

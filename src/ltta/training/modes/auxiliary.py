@@ -56,26 +56,23 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltta.checkpoint import private_rng
 from ltta.models.auxiliary import AuxiliaryNet
 from ltta.registry import Registry
+from ltta.training.config import TrainConfig, is_num, require
+from ltta.training.mode import Forward, TrainMode
 from ltta.transforms import functional as TF
 
-if TYPE_CHECKING:
-    from ltta.training.target import Forward, TrainConfig
-
-#: The reference's defaults (train.py): ``CE * args.alpha``, ``CrossEntropy * args.beta``, 0.05 each.
-AUX_CE_WEIGHT = 0.05
-AUX_DISTILL_WEIGHT = 0.05
-#: The L2 penalty's weight once on (train.py: ``loss += weight_loss``) and when it comes on: from
-#: epoch 180 of 210 (``if epoch >= 180``, 0-based), as a fraction of the run.
-AUX_MERGE_WEIGHT = 1.0
-AUX_MERGE_START = 0.857
+# The reference's defaults are TrainConfig's (train.py): ``CE * args.alpha`` and ``CrossEntropy *
+# args.beta``, 0.05 each; the L2 penalty's weight once on (``loss += weight_loss``: 1) and when it
+# comes on: from epoch 180 of 210 (``if epoch >= 180``, 0-based), as a fraction of the run (0.857).
+AUX_MERGE_WEIGHT: float = TrainConfig.aux_merge_weight
+AUX_MERGE_START: float = TrainConfig.aux_merge_start
 # The heads' initial weights come from the run's seed (seed: data order, seed + 1: dropout).
 _HEAD_SEED_OFFSET = 2
 
@@ -186,7 +183,7 @@ AUX_FAMILIES.add("blur", _blur)
 AUX_FAMILIES.add("noise", _noise)
 AUX_FAMILIES.add("contrast", _color_jitter)
 AUX_FAMILIES.add("rotate", _rotate)
-DEFAULT_FAMILIES: tuple[str, ...] = ("blur", "noise", "contrast", "rotate")
+DEFAULT_FAMILIES: tuple[str, ...] = TrainConfig.aux_families
 #: The benchmark corruptions (ltta.corruptions) each family resembles: test ones and held-out extras.
 FAMILY_OVERLAPS: dict[str, tuple[str, ...]] = {
     "blur": ("gaussian_blur", "defocus_blur"),
@@ -213,8 +210,7 @@ def attach_auxiliary(model: nn.Module, cfg: TrainConfig) -> AuxiliaryNet:
     The heads' initial weights are drawn from ``cfg.seed`` on a forked CPU generator, so a run is
     reproducible and the caller's global random state is left alone.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + _HEAD_SEED_OFFSET)
+    with private_rng(torch.device("cpu"), cfg.seed + _HEAD_SEED_OFFSET):  # the heads are built on the CPU
         return AuxiliaryNet(model, cfg.aux_families)
 
 
@@ -263,3 +259,34 @@ def auxiliary_loss(
     if gamma > 0:
         loss = loss + gamma * net.head_distance()
     return loss, main
+
+
+def check_auxiliary_keys(cfg: TrainConfig) -> None:
+    """``aux_families`` (distinct names in :data:`AUX_FAMILIES`) and the loss's weights and schedule."""
+    families = cfg.aux_families
+    require(
+        isinstance(families, (tuple, list))
+        and len(families) > 0
+        and len(set(families)) == len(families)
+        and all(isinstance(f, str) and f in AUX_FAMILIES for f in families),
+        f"aux_families must be distinct names from {', '.join(AUX_FAMILIES.names())}, at least one "
+        f"(got {families!r})",
+    )
+    for weight in ("aux_ce_weight", "aux_distill_weight", "aux_merge_weight"):
+        value = getattr(cfg, weight)
+        require(is_num(value) and value >= 0, f"{weight} must be a finite number >= 0 (got {value!r})")
+    require(
+        is_num(cfg.aux_temperature) and cfg.aux_temperature > 0,
+        f"aux_temperature must be a finite number > 0 (got {cfg.aux_temperature!r})",
+    )
+    require(
+        is_num(cfg.aux_merge_start) and 0 <= cfg.aux_merge_start <= 1,
+        f"aux_merge_start must be a fraction of the epochs in [0, 1] (got {cfg.aux_merge_start!r})",
+    )
+
+
+# The reference (ArchipLab-LinfengZhang/Auxiliary-Training train.py) trains without cutout.
+MODE = TrainMode(
+    auxiliary_loss, allows_cutout=False, attach=attach_auxiliary, detach=detach_auxiliary, views=auxiliary_views,
+    check=check_auxiliary_keys,
+)
