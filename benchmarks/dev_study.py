@@ -57,7 +57,8 @@ from ltta.models import build_model  # noqa: E402
 from ltta.runtime import make_generator, resolve_device, to_float_nchw, synchronize  # noqa: E402
 from ltta.stages.train_predictor import predictor_config  # noqa: E402
 from ltta.stages.train_target import train_config  # noqa: E402
-from ltta.training.predictor import PredictorConfig, prior_scores, train_predictor  # noqa: E402
+from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
+from ltta.training.predictor_quality import prior_scores  # noqa: E402
 from ltta.training import TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
 from ltta.training.modes import TRAIN_MODES  # noqa: E402
 from ltta.transforms.policy import CompiledPolicy, load_policy  # noqa: E402

@@ -48,11 +48,12 @@ from ltta.evaluation import CLEAN, evaluate_methods  # noqa: E402
 from ltta.evaluation.metrics import ece, error_rate, nll  # noqa: E402
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
-from ltta.training.predictor import prior_scores, train_predictor  # noqa: E402
+from ltta.training.predictor import train_predictor  # noqa: E402
+from ltta.training.predictor_quality import prior_scores  # noqa: E402
 from ltta.tta import build_method  # noqa: E402
 from ltta.tta.abstain import choose_margin, predicted_gain, select_abstain  # noqa: E402
 from ltta.tta.learned_features import head_flops  # noqa: E402
-from ltta.tta.methods import flops_per_image  # noqa: E402
+from ltta.tta.learned import flops_per_image  # noqa: E402
 from ltta.tta.scoring import predictor_scores  # noqa: E402
 from ltta.data import loss_predictor_split  # noqa: E402
 from ltta.runtime import make_generator, resolve_device  # noqa: E402

@@ -54,7 +54,8 @@ from ltta.evaluation.runner import EvalResults  # noqa: E402
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import resolve_device  # noqa: E402
-from ltta.training.predictor import PredictorConfig, predictor_quality, prior_scores, train_predictor  # noqa: E402
+from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
+from ltta.training.predictor_quality import predictor_quality, prior_scores  # noqa: E402
 from ltta.training.modes import TRAIN_MODES  # noqa: E402
 from ltta.tta import SELECTIONS, build_method, copies_per_image, identity_index  # noqa: E402
 

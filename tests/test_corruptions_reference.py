@@ -18,6 +18,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from benchmarks import corruption_reference as cr
+from benchmarks import corruption_reference_loader as loader
 from ltta.corruptions import corrupt_images, derive_seed
 
 
@@ -66,10 +67,10 @@ def test_loader_keeps_definitions_and_drops_the_driver(tmp_path) -> None:
             """
         )
     )
-    tree = cr._definitions_only(script.read_text(), str(script), keep_wand=True)
+    tree = loader._definitions_only(script.read_text(), str(script), keep_wand=True)
     kinds = [type(node).__name__ for node in tree.body]
     assert kinds == ["Import", "ImportFrom", "ClassDef", "Assign", "FunctionDef", "FunctionDef"]
-    ref = cr.load_reference(tmp_path)
+    ref = loader.load_reference(tmp_path)
     assert ref.script == script
     # np.float_ and binary np.fromstring come from the shim, whatever NumPy is installed
     assert ref.functions["brightness"](np.full((2, 2), 255), 2)[0, 0] == 3.0
@@ -79,7 +80,7 @@ def test_loader_keeps_definitions_and_drops_the_driver(tmp_path) -> None:
 
 def test_loader_names_the_missing_script(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="hendrycks/robustness"):
-        cr.find_reference_script(tmp_path)
+        loader.find_reference_script(tmp_path)
 
 
 def test_paired_std_ignores_agreeing_images() -> None:
@@ -117,12 +118,12 @@ _DIR = os.environ.get("LTTA_ROBUSTNESS_CREATE_C")
 
 
 @pytest.fixture(scope="module")
-def reference() -> cr.Reference:
+def reference() -> loader.Reference:
     if not _DEPS:
         pytest.skip("needs opencv-python-headless, scikit-image and Wand (+ ImageMagick)")
     if not _DIR:
         pytest.skip("LTTA_ROBUSTNESS_CREATE_C not set (a hendrycks/robustness checkout's ImageNet-C/create_c)")
-    ref = cr.load_reference(_DIR)
+    ref = loader.load_reference(_DIR)
     if ref.skipped:
         pytest.skip(f"reference functions unavailable: {ref.skipped}")
     return ref
@@ -130,14 +131,14 @@ def reference() -> cr.Reference:
 
 @pytest.mark.reference
 @pytest.mark.parametrize("name", cr.DETERMINISTIC)
-def test_deterministic_corruptions_match_the_reference(reference: cr.Reference, name: str) -> None:
+def test_deterministic_corruptions_match_the_reference(reference: loader.Reference, name: str) -> None:
     # Half the issue's targets. These images have exactly flat areas, where float32 (ours) and
     # float64 (the reference) land on either side of a level before the truncating cast, so a
     # flat area can sit one level apart (measured MAD here: <= 0.33, defocus s5; real CIFAR
     # images: <= 0.04); never more than 2 levels anywhere.
     x = _images()
     for s in (1, 5):
-        ref = cr.reference_corrupt(reference.functions[name], x, s, seed=0)
+        ref = loader.reference_corrupt(reference.functions[name], x, s, seed=0)
         ours = corrupt_images(x, name, s, seed=0)
         assert cr.mean_abs_diff(ours, ref) < cr.MAD_TARGET[name] / 2, (name, s)
         assert cr.max_abs_diff(ours, ref) <= 2, (name, s)
@@ -157,24 +158,24 @@ NOISE_CASES = [
 @pytest.mark.reference
 @pytest.mark.parametrize(("name", "severities", "tol"), NOISE_CASES)
 def test_noise_perturbation_size_matches_the_reference(
-    reference: cr.Reference, name: str, severities: tuple[int, ...], tol: float
+    reference: loader.Reference, name: str, severities: tuple[int, ...], tol: float
 ) -> None:
     x = _images()
     for s in severities:
         seed = derive_seed(0, name, s)
-        ref = cr.mean_abs_diff(cr.reference_corrupt(reference.functions[name], x, s, seed), x)
+        ref = cr.mean_abs_diff(loader.reference_corrupt(reference.functions[name], x, s, seed), x)
         ours = cr.mean_abs_diff(corrupt_images(x, name, s, seed=seed), x)
         assert abs(ours - ref) / ref < tol, (name, s, ours, ref)
 
 
 @pytest.mark.reference
-def test_elastic_matches_the_reference_on_its_own_draws(reference: cr.Reference) -> None:
+def test_elastic_matches_the_reference_on_its_own_draws(reference: loader.Reference) -> None:
     """Random draws replayed from the reference's NumPy stream: elastic is then pixel-comparable.
     The rest is OpenCV's warpAffine grid (ours follows 3.4's 1/32-pixel fixed point)."""
     x = _images()
     for s in (1, 2, 5):
-        ref = cr.reference_corrupt(reference.functions["elastic_transform"], x, s, seed=7)
-        ours = cr.SHARED_DRAWS["elastic_transform"](x, s, 7)
+        ref = loader.reference_corrupt(reference.functions["elastic_transform"], x, s, seed=7)
+        ours = loader.SHARED_DRAWS["elastic_transform"](x, s, 7)
         assert cr.mean_abs_diff(ours, ref) < 0.5, s
 
 

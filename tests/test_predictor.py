@@ -18,12 +18,10 @@ from ltta.training.predictor import (
     WeightEMA,
     penalised_parameters,
     predictor_cutout,
-    predictor_quality,
-    prior_scores,
-    ranking_quality,
     train_predictor,
 )
-from ltta.tta.methods import flops_per_image
+from ltta.training.predictor_quality import predictor_quality, prior_scores, ranking_quality
+from ltta.tta.learned import flops_per_image
 from ltta.tta.ranking import (
     RANKERS,
     build_ranker,

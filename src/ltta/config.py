@@ -8,6 +8,10 @@ A value that names a registry member (an architecture, a test-time candidate, an
 dialect) is checked against that registry here, so ``ltta check-params`` refuses what the stage
 would refuse later. Those registries import torch (or SQLAlchemy), so their validators import them
 lazily: ``import ltta.config`` stays as cheap as its own imports.
+
+Why one module: it is ``params.yaml`` as types, one class per section in the file's order, and
+the cross-section checks (a stage reading another's keys) need every section at hand; read side by
+side with the file, one module is what a user checks a key against.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ as an MLflow pyfunc model, ``ltta-tta`` in the registry.
 ``evaluate`` stage computes for the ``learned`` row on the same images: the same model files
 (``models/target.pt``, ``models/predictor.pt``, rebuilt by :func:`ltta.model_io.load_model_file`,
 weights only), the same candidate set, k, selection rule and threshold, the same
-:class:`ltta.tta.methods.LearnedTTA`. Loading needs the installed ``ltta`` package, not a checkout; the model is logged as "models from
+:class:`ltta.tta.learned.LearnedTTA`. Loading needs the installed ``ltta`` package, not a checkout; the model is logged as "models from
 code" (:mod:`ltta.tta_pyfunc`), so no pickled object is stored.
 
 Input: images ``[N,H,W,3]`` (the CIFAR storage layout) as float32, either pixel levels 0-255 or

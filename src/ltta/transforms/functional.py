@@ -13,6 +13,11 @@ Semantics follow the PIL calls the reference code makes (kakaobrain/fast-autoaug
 Colour ops stay differentiable in the image (no rounding to 8-bit levels), so the results differ
 from PIL's uint8 arithmetic by at most about one level; histogram ops (equalize, posterize,
 solarize's threshold test) work on the 256 levels ``round(255 * x)`` exactly as PIL does.
+
+Why one module: it is the op namespace every op table indexes (``TF.rotate``, ``TF.equalize``:
+FAA's ops, AugMix's, the TTA candidates, the auxiliary families), some 25 small ops on a handful
+of shared helpers (per-image magnitudes, the affine sampler, fills). Split in two, the helpers
+would be shared across modules and the tables would import from both, or through a re-export.
 """
 
 from __future__ import annotations

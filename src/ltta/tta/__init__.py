@@ -6,8 +6,10 @@
   sorter), Spearman loss, the SoDeep-style rank MSE
 - :mod:`~ltta.tta.sodeep`: SoDeep's sorter networks, their synthetic training, a cache of trained ones
 - :mod:`~ltta.tta.scoring`: running the predictor, the flip ensemble of its scores
-- :mod:`~ltta.tta.methods`: ``TTA_METHODS`` and ``build_method`` (none, flip, crops, random,
-  policy, learned, prior, oracle), and ``SELECTIONS``, how ``learned`` picks its k views
+- :mod:`~ltta.tta.methods`: ``TTA_METHODS`` and ``build_method``, the method base class, the
+  fixed baselines (none, flip, crops, random, policy)
+- :mod:`~ltta.tta.learned`: the learned choice (learned, prior, oracle), ``SELECTIONS``, how
+  ``learned`` picks its k views, and ``flops_per_image``, the predictor's cost
 - :mod:`~ltta.tta.target_features`, :mod:`~ltta.tta.learned_features`: the choice made from the
   target's own features (``feat_pick``); :mod:`~ltta.tta.abstain`: the ``abstain``
   selection and its validated margin; :mod:`~ltta.tta.listwise`: the ``listwise`` objective
@@ -29,7 +31,8 @@ from ltta.tta.candidates import (
     parse_candidate,
 )
 from ltta.tta.loss_dataset import candidate_losses, copies_per_image, predictor_training_inputs
-from ltta.tta.methods import SELECTIONS, TTA_METHODS, MethodContext, TTAMethod, build_method, flops_per_image
+from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod, build_method
+from ltta.tta.learned import SELECTIONS, flops_per_image  # registers learned, prior, oracle right after the baselines
 from ltta.tta import aggregation, bn_adapt, gps, learned_features, tent  # register their methods (after the registry exists)
 from ltta.tta.ranking import (
     RANKERS,

@@ -50,7 +50,7 @@ from ltta.models.inference import predict_proba
 from ltta.transforms.ops import FAA_OPS, op_names
 from ltta.transforms.policy import OpSpec, apply_subpolicy
 from ltta.tta.candidates import apply_candidate, parse_candidate
-from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod, _generator
+from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod, method_generator
 from ltta.tta.temperature import calibrated_nll, nll_of, scaled_log_probs
 
 GPS_FORMAT = "ltta-gps-policy"
@@ -253,7 +253,7 @@ class GPSTTA(TTAMethod):
                              f"{len(ctx.policy.members)}; raise search_gps.length")
         self.members = ctx.policy.members[: ctx.k]
         self.temperature = ctx.policy.temperature(ctx.k)
-        self.generator = _generator(ctx)
+        self.generator = method_generator(ctx)
 
     @property
     def forward_passes(self) -> float:

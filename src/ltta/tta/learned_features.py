@@ -3,7 +3,7 @@
 Issue 22's first variant. One target pass on the image yields its pooled penultimate features,
 its logits and so the identity view's prediction (:mod:`ltta.tta.target_features`); a small head
 trained on the loss dataset (:mod:`ltta.models.feature_head`) turns features and logits into one
-score per candidate, and a selection from :data:`~ltta.tta.methods.SELECTIONS` (``topk``,
+score per candidate, and a selection from :data:`~ltta.tta.learned.SELECTIONS` (``topk``,
 ``abstain``, ``eval_l2t``) picks the views. Where identity is picked its prediction is the one the
 feature pass already made, so no view is rendered twice.
 
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ltta.tta.methods import SELECTIONS, TTA_METHODS, MethodContext, TTAMethod, _check_k_within_candidates, flops_per_image
+from ltta.tta.learned import SELECTIONS, flops_per_image
+from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod, check_k_within_candidates
 from ltta.models.inference import eval_mode, model_device
 from ltta.tta.scoring import predictor_scores
 from ltta.tta.target_features import PooledFeatures, target_features
@@ -54,7 +55,7 @@ class LearnedFeaturesTTA(TTAMethod):
         if getattr(head, "num_outputs", None) != len(ctx.candidates):
             raise ValueError(f"the feature head scores {getattr(head, 'num_outputs', '?')} candidates, "
                              f"but {len(ctx.candidates)} are given; use the list it was trained on")
-        _check_k_within_candidates(ctx)
+        check_k_within_candidates(ctx)
         if not ctx.threshold >= 0.0:
             raise ValueError(f"threshold must be >= 0, got {ctx.threshold}")
         self.select = SELECTIONS.get(ctx.selection)
