@@ -152,10 +152,10 @@ def train_classifier(
     Each batch is prepared as ``cfg.corruptions`` (with probability ``cfg.corruption_p`` per
     image) -> ``extra_augment`` (e.g. a searched policy; required by mode
     ``policy``) -> ``cfg.augment`` (crop/flip) -> cutout (``cfg.cutout`` > 0), then ``cfg.mode``
-    turns it into the loss (``augmix``: clean + two AugMix views in one 3x forward pass; the
-    history's loss is then CE + jsd_weight * JSD, its error and images/s count clean images;
-    ``auxiliary``: clean + one view per ``cfg.aux_families`` in one pass, the heads attached to
-    ``model`` for the run and removed at the end, so ``model`` comes back as its own architecture).
+    (:mod:`ltta.training.modes`) turns it into the loss: a mode with views trains on the clean
+    image and its views in one forward pass, the history's loss is the mode's and its error and
+    images/s count clean images; modules a mode attaches (auxiliary heads) are removed at the end,
+    so ``model`` comes back as its own architecture.
 
     In an initialised process group (``torchrun``, :mod:`ltta.training.distributed`) the model
     trains under DDP: ``cfg.batch_size`` is the global batch (divisible by the world size), each
