@@ -172,7 +172,7 @@ class TrainTargetParams(_Section):
     augmix_width: PositiveInt = 3  # augmix: chains per mixture
     augmix_depth: Annotated[int, Field(ge=-1, le=10)] = -1  # augmix: ops per chain (-1: uniform 1..3)
     augmix_severity: Annotated[int, Field(ge=1, le=10)] = 3  # augmix: op strength
-    # auxiliary (TrainConfig.aux_*; ltta.training.auxiliary): one head per family, the reference's weights.
+    # auxiliary (TrainConfig.aux_*; ltta.training.modes.auxiliary): one head per family, the reference's weights.
     aux_families: list[Literal["blur", "noise", "contrast", "rotate"]] = Field(
         default_factory=lambda: ["blur", "noise", "contrast", "rotate"], min_length=1
     )
