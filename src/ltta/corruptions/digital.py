@@ -11,7 +11,6 @@ import functools
 
 import numpy as np
 import torch
-import torchvision
 
 from ltta.corruptions import severity as sev
 from ltta.corruptions._ops import (
@@ -213,6 +212,10 @@ def jpeg_compression(x: torch.Tensor, severity: int, generator: torch.Generator)
     Always encodes on the CPU (libjpeg) so the bytes match PIL's; GPU (nvJPEG) coding would
     quantise differently. The batch is passed as one list call.
     """
+    # Imported here: torchvision's import pulls in its models and torch._dynamo (about 2 s), which
+    # every stage importing the corruptions would otherwise pay at start-up.
+    import torchvision.io
+
     q = int(sev.level(sev.JPEG_QUALITY, severity))
     levels = to_levels(x).to(torch.uint8).cpu()
     encoded = torchvision.io.encode_jpeg(list(levels.unbind(0)), quality=q)

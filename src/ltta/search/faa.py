@@ -40,7 +40,6 @@ import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
-from sklearn.model_selection import StratifiedShuffleSplit
 from torch import nn
 
 from ltta.search.sampler import TrialSeededTPESampler
@@ -68,6 +67,8 @@ def fold_splits(y: torch.Tensor | np.ndarray, num_folds: int, fold_ratio: float,
 
     The reference uses ``random_state=0``, i.e. ``seed=0`` here.
     """
+    from sklearn.model_selection import StratifiedShuffleSplit  # here: a 2 s import the other stages skip
+
     labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     sss = StratifiedShuffleSplit(n_splits=num_folds, test_size=fold_ratio, random_state=seed)
     return [(np.sort(dm), np.sort(da)) for dm, da in sss.split(np.zeros(len(labels)), labels)]
