@@ -346,7 +346,7 @@ CATALOGUE: list[Fault] = [
     Fault("evaluate/target-crafted-pickle", "evaluate", r"models/target\.pt .*refused it", r"delete it and rerun its stage",
           inject=crafted("models/target.pt")),
     Fault("evaluate/full-disk", "evaluate", r"no space left on device", r"free space .* and rerun",
-          patch=full_disk),
+          params={"evaluate": {"methods": ["none", "learned"]}}, patch=full_disk),  # two methods: the writes are the point
 ]
 
 
