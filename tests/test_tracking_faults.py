@@ -203,3 +203,19 @@ def test_a_server_failing_at_the_end_of_training_costs_no_retraining(proxy: _Pro
     _, second = load_model_file(workspace / "models" / "target.pt")
     assert second["history"] == first["history"]  # the same epochs, timings included: none was rerun
     assert not list((workspace / "checkpoints").glob("target-*.pt"))
+
+
+@pytest.mark.parametrize("code, named", [("INTERNAL_ERROR", True), ("TEMPORARILY_UNAVAILABLE", True),
+                                         ("INVALID_PARAMETER_VALUE", False)])
+def test_a_5xx_answer_left_after_mlflows_retries_names_the_server(code: str, named: bool) -> None:
+    """Whether MLflow's last retry got a 5xx answer (a RestException) or no answer ("API request
+    to ... failed") depends on timing; both are the server's failure. A 4xx is the stage's own error."""
+    from mlflow.exceptions import RestException
+
+    from ltta.tracking import TrackingServerError, server_errors_named
+
+    uri = "http://127.0.0.1:9"
+    expected = TrackingServerError if named else RestException
+    with pytest.raises(expected) as caught, server_errors_named(uri, "train-target"):
+        raise RestException({"error_code": code, "message": "injected"})
+    assert (uri in str(caught.value)) is named

@@ -112,14 +112,16 @@ def server_errors_named(uri: str, stage: str) -> Iterator[None]:
         yield
         return
     import requests
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException, RestException
 
     try:
         yield
     except (MlflowException, requests.RequestException) as exc:
-        # Only a failure to talk to the server (MLflow wraps those as "API request to ... failed");
-        # a rejected request (a bad metric name, say) is the stage's own error and passes as it is.
-        if isinstance(exc, MlflowException) and "API request to" not in str(exc):
+        # Only a failure of the server: one MLflow could not reach ("API request to ... failed") or
+        # a 5xx answer left after its retries (a RestException, when the last retry got one); a
+        # rejected request (a bad metric name, say: a 4xx) is the stage's own error and passes as it is.
+        server_side = isinstance(exc, RestException) and exc.get_http_status_code() >= 500
+        if isinstance(exc, MlflowException) and "API request to" not in str(exc) and not server_side:
             raise
         raise TrackingServerError(
             f"MLflow tracking server {uri} failed while {stage} logged its run ({_reason(exc)}, after MLflow's "
