@@ -57,12 +57,13 @@ from ltta.models import build_model  # noqa: E402
 from ltta.runtime import make_generator, resolve_device, to_float_nchw, synchronize  # noqa: E402
 from ltta.stages.train_predictor import predictor_config  # noqa: E402
 from ltta.stages.train_target import train_config  # noqa: E402
-from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
-from ltta.training.predictor_quality import prior_scores  # noqa: E402
+from ltta.predictor.trainer import PredictorConfig, train_predictor  # noqa: E402
+from ltta.predictor.quality import prior_scores  # noqa: E402
 from ltta.training import TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
 from ltta.training.modes import TRAIN_MODES  # noqa: E402
 from ltta.transforms.policy import CompiledPolicy, load_policy  # noqa: E402
-from ltta.tta import SELECTIONS, build_candidates, build_method, candidate_losses, identity_index, predictor_training_inputs  # noqa: E402
+from ltta.tta import SELECTIONS, build_candidates, build_method, identity_index  # noqa: E402
+from ltta.predictor import candidate_losses, predictor_training_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DUPLICATION = 3  # copies of each train_loss image in the predictor's inputs (the public num_duplication)

@@ -48,18 +48,19 @@ from ltta.evaluation import CLEAN, evaluate_methods  # noqa: E402
 from ltta.evaluation.metrics import ece, error_rate, nll  # noqa: E402
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
-from ltta.training.predictor import train_predictor  # noqa: E402
-from ltta.training.predictor_quality import prior_scores  # noqa: E402
+from ltta.predictor.trainer import train_predictor  # noqa: E402
+from ltta.predictor.quality import prior_scores  # noqa: E402
 from ltta.tta import build_method  # noqa: E402
 from ltta.tta.abstain import choose_margin, predicted_gain, select_abstain  # noqa: E402
 from ltta.tta.learned_features import head_flops  # noqa: E402
 from ltta.tta.learned import flops_per_image  # noqa: E402
-from ltta.tta.scoring import predictor_scores  # noqa: E402
+from ltta.predictor.scoring import predictor_scores  # noqa: E402
 from ltta.data import loss_predictor_split  # noqa: E402
 from ltta.runtime import make_generator, resolve_device  # noqa: E402
-from ltta.training.predictor import PredictorConfig  # noqa: E402
+from ltta.predictor.trainer import PredictorConfig  # noqa: E402
 from ltta.models.inference import predict_proba  # noqa: E402
-from ltta.tta import apply_candidate, candidate_losses, flip_ensemble_probs, identity_index, predictor_training_inputs  # noqa: E402
+from ltta.tta import apply_candidate, identity_index  # noqa: E402
+from ltta.predictor import candidate_losses, flip_ensemble_probs, predictor_training_inputs  # noqa: E402
 from ltta.tta.target_features import target_features  # noqa: E402
 
 

@@ -38,9 +38,10 @@ from ltta.data import loss_predictor_split, stratified_holdout  # noqa: E402
 from ltta.evaluation import CLEAN, EvalSet, evaluate_methods  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import make_generator, resolve_device, to_float_nchw, synchronize  # noqa: E402
-from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
+from ltta.predictor.trainer import PredictorConfig, train_predictor  # noqa: E402
 from ltta.training import TrainConfig, evaluate_classifier, train_classifier  # noqa: E402
-from ltta.tta import build_candidates, build_method, candidate_losses, identity_index, predictor_training_inputs  # noqa: E402
+from ltta.tta import build_candidates, build_method, identity_index  # noqa: E402
+from ltta.predictor import candidate_losses, predictor_training_inputs  # noqa: E402
 
 
 def timed(fn: Any, device: torch.device, repeats: int = 1) -> tuple[Any, float]:

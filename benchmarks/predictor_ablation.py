@@ -15,7 +15,7 @@ of the settings and reports, for each:
 - with ``--eval``: learned top-k's clean error and mean corruption error on the held-out test part
   (the 15 benchmark corruptions x 5 severities by default), beside no TTA and the prior.
 
-A variant is ``NAME:KEY=VALUE,KEY=VALUE`` over :class:`ltta.training.predictor.PredictorConfig`'s
+A variant is ``NAME:KEY=VALUE,KEY=VALUE`` over :class:`ltta.predictor.trainer.PredictorConfig`'s
 fields, ``width`` (the predictor's trunk width) and ``images`` (the share of train_loss images it
 is trained on, every copy of each: a learning curve). Unnamed keys keep this script's base setting,
 sized for a CPU: width ``--predictor-width`` (16), ``--predictor-epochs`` (30), the public code's
@@ -54,10 +54,11 @@ from ltta.evaluation.runner import EvalResults  # noqa: E402
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
 from ltta.runtime import resolve_device  # noqa: E402
-from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
-from ltta.training.predictor_quality import predictor_quality, prior_scores  # noqa: E402
+from ltta.predictor.trainer import PredictorConfig, train_predictor  # noqa: E402
+from ltta.predictor.quality import predictor_quality, prior_scores  # noqa: E402
 from ltta.training.modes import TRAIN_MODES  # noqa: E402
-from ltta.tta import SELECTIONS, build_method, copies_per_image, identity_index  # noqa: E402
+from ltta.tta import SELECTIONS, build_method, identity_index  # noqa: E402
+from ltta.predictor import copies_per_image  # noqa: E402
 
 TRAIN_PROBE_ROWS = 2048  # training-table rows scored for the train-side rho (fixed, seed 0)
 

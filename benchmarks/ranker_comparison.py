@@ -63,10 +63,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ltta.io import write_json  # noqa: E402
 from ltta.models import build_model  # noqa: E402
-from ltta.training.predictor import PredictorConfig, train_predictor  # noqa: E402
-from ltta.tta.ranking import RANKERS, build_ranker, exact_rank  # noqa: E402
-from ltta.tta.scoring import predictor_scores  # noqa: E402
-from ltta.tta.sodeep import SorterConfig, ensure_sorter, load_sorter, random_sequences, sorter_quality  # noqa: E402
+from ltta.predictor.trainer import PredictorConfig, train_predictor  # noqa: E402
+from ltta.predictor.ranking import RANKERS, build_ranker, exact_rank  # noqa: E402
+from ltta.predictor.scoring import predictor_scores  # noqa: E402
+from ltta.predictor.sodeep import SorterConfig, ensure_sorter, load_sorter, random_sequences, sorter_quality  # noqa: E402
 
 REPORTED = ("rho", "top1", "chosen_loss", "ranker_rho", "ranker_top1", "random_rho", "random_top1", "seconds")
 

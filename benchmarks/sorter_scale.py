@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ltta.io import write_json  # noqa: E402
-from ltta.tta.sodeep import SorterConfig, ensure_sorter, random_sequences, sorter_quality  # noqa: E402
+from ltta.predictor.sodeep import SorterConfig, ensure_sorter, random_sequences, sorter_quality  # noqa: E402
 
 
 def probe_sets(seq_len: int, n: int, spreads: list[float], seed: int) -> dict[str, torch.Tensor]:

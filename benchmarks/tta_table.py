@@ -44,7 +44,7 @@ from ltta.data import loss_predictor_split  # noqa: E402
 from ltta.evaluation import evaluate_methods  # noqa: E402
 from ltta.io import write_json  # noqa: E402
 from ltta.runtime import make_generator, resolve_device  # noqa: E402
-from ltta.training.predictor_quality import prior_scores  # noqa: E402
+from ltta.predictor.quality import prior_scores  # noqa: E402
 from ltta.tta import build_method, identity_index  # noqa: E402
 from ltta.tta.aggregation import AGGREGATORS, aggregator_temperature, candidate_logits, fit_aggregator  # noqa: E402
 from ltta.tta.gps import gps_pool, greedy_policy_search, policy_from_search, pool_log_probs  # noqa: E402

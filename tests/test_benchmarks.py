@@ -23,7 +23,7 @@ import pytest
 from ltta.config import ParamsError
 from ltta.corruptions import ALL_CORRUPTIONS
 from ltta.models import MODELS
-from ltta.training.predictor import PredictorConfig
+from ltta.predictor.trainer import PredictorConfig
 from ltta.training.modes import TRAIN_MODES
 from ltta.tta import TTA_METHODS
 

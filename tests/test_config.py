@@ -103,10 +103,11 @@ def test_schema_literals_match_their_registries() -> None:
     from ltta.config import DataParams, EvaluateParams, SorterParams, TrainPredictorParams, TrainTargetParams
     from ltta.data.sources import SOURCES
     from ltta.training.modes.auxiliary import AUX_FAMILIES
-    from ltta.training.predictor import OBJECTIVES, OPTIMIZERS
+    from ltta.predictor.trainer import OBJECTIVES, OPTIMIZERS
     from ltta.training.modes import TRAIN_MODES
-    from ltta.tta import RANKERS, SELECTIONS, TTA_METHODS
-    from ltta.tta.sodeep import SORTERS
+    from ltta.tta import SELECTIONS, TTA_METHODS
+    from ltta.predictor import RANKERS
+    from ltta.predictor.sodeep import SORTERS
 
     def names(model: type, field: str) -> set[str]:
         ann = model.model_fields[field].annotation

@@ -1,4 +1,5 @@
-"""The package's shape: no import circle, kernels below the algorithms, a trainer that knows no mode.
+"""The package's shape: no import circle, kernels below the algorithms, rooms that keep to their
+job, every module importable first, a trainer that knows no mode.
 
 The import graph is read from the source (every ``import`` statement, including those under
 ``TYPE_CHECKING`` and inside functions: a circle a type checker follows is still a circle for the
@@ -10,13 +11,15 @@ import-linter counts it; importing a submodule does not count as importing its p
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 KERNELS = ("ltta.corruptions", "ltta.transforms", "ltta.models")
-ALGORITHMS = ("ltta.tta", "ltta.training", "ltta.search", "ltta.evaluation", "ltta.stages")
+ALGORITHMS = ("ltta.tta", "ltta.predictor", "ltta.training", "ltta.search", "ltta.evaluation", "ltta.stages")
 #: "About 400 lines": a module longer than this says in its docstring why it is one piece.
 MAX_LINES = 420
 ONE_PIECE = "Why one module:"
@@ -128,6 +131,58 @@ def test_only_the_cli_imports_the_stages() -> None:
         for t in targets if _under(t, ("ltta.stages",))
     )  # fmt: skip
     assert bad == []
+
+
+def _edges(graph: dict[str, set[str]], source: str, target: str) -> set[str]:
+    """``module -> imported`` for every import from package ``source`` into package ``target``."""
+    return {
+        f"{m} -> {t}" for m, targets in graph.items() if _under(m, (source,))
+        for t in targets if _under(t, (target,))
+    }  # fmt: skip
+
+
+def test_the_predictor_room_reads_only_the_candidates_from_tta() -> None:
+    """Learning to rank needs what a candidate is, never a test-time method: the methods sit above
+    the predictor (``learned`` and ``feat_pick`` run it through its scoring), the candidates below."""
+    assert _edges(import_graph(SRC), "ltta.predictor", "ltta.tta") <= {
+        f"{m} -> ltta.tta.candidates" for m in modules(SRC) if _under(m, ("ltta.predictor",))
+    }
+
+
+def test_the_methods_run_the_predictor_only_through_its_scoring() -> None:
+    """A TTA method consults a trained predictor; training one is the predictor room's business."""
+    bad = {e for e in _edges(import_graph(SRC), "ltta.tta", "ltta.predictor") if not e.endswith("-> ltta.predictor.scoring")}
+    assert bad == set()
+
+
+def test_the_two_trainers_keep_to_their_rooms() -> None:
+    """The target's trainer (``training``) and the predictor's (``predictor``) share only the kernels
+    and ``ltta.checkpoint``; neither imports the other."""
+    graph = import_graph(SRC)
+    assert _edges(graph, "ltta.training", "ltta.predictor") | _edges(graph, "ltta.predictor", "ltta.training") == set()
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter() -> None:
+    """No import order hides a half-made module: each module of the package is imported as the first
+    ``ltta`` module of the process (third-party imports stay cached between them, so this is quick).
+    The graph above has no circle, but packages can still point at each other (``tta`` <->
+    ``predictor``), and only running the imports shows that every entry point works."""
+    names = sorted(m for m in modules(SRC) if m != "ltta.__main__")
+    script = (
+        "import importlib, sys\n"
+        "failed = []\n"
+        f"for name in {names!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'ltta' or m.startswith('ltta.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as exc:\n"
+        "        failed.append(f'{name}: {type(exc).__name__}: {exc}')\n"
+        "print('\\n'.join(failed))\n"
+        "sys.exit(1 if failed else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", sorted(modules(SRC)))

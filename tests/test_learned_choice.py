@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from ltta.evaluation import CLEAN, EvalSet, evaluate_methods
 from ltta.models import build_model
 from ltta.models.small_cnn import SmallCNN
-from ltta.training.predictor import OBJECTIVES, PredictorConfig, train_predictor
+from ltta.predictor.trainer import OBJECTIVES, PredictorConfig, train_predictor
 from ltta.tta import build_method
 from ltta.tta.abstain import choose_margin, predicted_gain, select_abstain
-from ltta.tta.listwise import softmin_cross_entropy
+from ltta.predictor.listwise import softmin_cross_entropy
 from ltta.tta.target_features import target_features
 from tests import test_tta
 

@@ -12,7 +12,7 @@ from torch import nn
 from ltta.models.loss_predictor import LossPredictor
 from ltta.models.registry import build_model
 from ltta.models.wideresnet import wrn_40_2
-from ltta.training.predictor import (
+from ltta.predictor.trainer import (
     PredictorConfig,
     RMSpropTF,
     WeightEMA,
@@ -20,9 +20,9 @@ from ltta.training.predictor import (
     predictor_cutout,
     train_predictor,
 )
-from ltta.training.predictor_quality import predictor_quality, prior_scores, ranking_quality
+from ltta.predictor.quality import predictor_quality, prior_scores, ranking_quality
 from ltta.tta.learned import flops_per_image
-from ltta.tta.ranking import (
+from ltta.predictor.ranking import (
     RANKERS,
     build_ranker,
     exact_rank,
@@ -31,7 +31,7 @@ from ltta.tta.ranking import (
     sodeep_style_rank_mse,
     spearman_loss,
 )
-from ltta.tta.sodeep import build_sorter
+from ltta.predictor.sodeep import build_sorter
 
 C = 6
 _W = torch.randn(12, C, generator=torch.Generator().manual_seed(123))

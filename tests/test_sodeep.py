@@ -13,10 +13,10 @@ from ltta.config import load_params
 from ltta.stages import train_sorter as sorter_stage
 from ltta.stages.base import Paths
 from ltta.models.loss_predictor import LossPredictor
-from ltta.training.predictor import PredictorConfig, train_predictor
+from ltta.predictor.trainer import PredictorConfig, train_predictor
 from ltta.tta import build_candidates
-from ltta.tta.ranking import build_ranker, exact_rank, spearman_rho
-from ltta.tta.sodeep import (
+from ltta.predictor.ranking import build_ranker, exact_rank, spearman_rho
+from ltta.predictor.sodeep import (
     SorterConfig,
     build_sorter,
     ensure_sorter,

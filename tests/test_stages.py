@@ -145,7 +145,7 @@ def test_prior_method_reads_the_predictors_training_means(pipeline_run: tuple[Pa
     import torch
 
     from ltta.model_io import load_model_file, save_model_file
-    from ltta.training.predictor_quality import prior_scores
+    from ltta.predictor.quality import prior_scores
 
     paths, raw = pipeline_run
     predictor, extra = load_model_file(paths.predictor)

@@ -21,15 +21,12 @@ from ltta.tta import (
     apply_candidate,
     build_candidates,
     build_method,
-    candidate_losses,
-    copies_per_image,
-    flip_ensemble_probs,
     flops_per_image,
     identity_index,
     mirror_permutation,
     parse_candidate,
-    predictor_training_inputs,
 )
+from ltta.predictor import candidate_losses, copies_per_image, flip_ensemble_probs, predictor_training_inputs
 
 
 def smooth_images(n: int, seed: int) -> torch.Tensor:

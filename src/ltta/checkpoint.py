@@ -2,7 +2,7 @@
 
 Three trainers keep state here, and each used to have its own variant of it: the target trainer
 (:mod:`ltta.training.target`, which the policy search's fold models also train through), the loss
-predictor's trainer (:mod:`ltta.training.predictor`) and SoDeep's sorter (:mod:`ltta.tta.sodeep`);
+predictor's trainer (:mod:`ltta.predictor.trainer`) and SoDeep's sorter (:mod:`ltta.predictor.sodeep`);
 the search's shared fold-model cache (:mod:`ltta.search.model_cache`) and the stages that name a
 checkpoint or a cache entry key their files with the same fingerprints.
 

@@ -227,7 +227,7 @@ class LossDatasetParams(_Section):
 
 
 class SorterParams(_Section):
-    """SoDeep's sorter (ltta.tta.sodeep.SorterConfig); defaults are SoDeep's train.py. Its sequence length
+    """SoDeep's sorter (ltta.predictor.sodeep.SorterConfig); defaults are SoDeep's train.py. Its sequence length
     is the candidate count and its seed the global seed; ~563k steps in all: shrink sequences_per_epoch."""
 
     model: Literal["gruc", "lstm", "lstm_large"] = "gruc"  # gruc: learning-loss-for-tta's; lstm_large: SoDeep's
@@ -261,7 +261,7 @@ class TrainPredictorParams(_Section):
     tau: Annotated[float, Field(gt=0.0)] = 1.0  # softmin temperature of the target ranking
     rank_temperature: Annotated[float, Field(gt=0.0)] = 0.01  # soft-rank temperature
     objective: Literal["sodeep_style", "spearman", "listwise"] = "sodeep_style"
-    # The differentiable ranking inside the objective (ltta.tta.ranking.RANKERS): pairwise_sigmoid |
+    # The differentiable ranking inside the objective (ltta.predictor.ranking.RANKERS): pairwise_sigmoid |
     # soft_rank (Blondel et al. 2020) | sodeep (a SoDeep sorter trained on synthetic sequences, frozen).
     ranker: Literal["pairwise_sigmoid", "soft_rank", "sodeep"] = "pairwise_sigmoid"
     sorter: SorterParams = SorterParams()  # ranker sodeep: the sorter and its training

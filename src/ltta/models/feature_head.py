@@ -15,7 +15,7 @@ with ReLU and dropout, a linear layer to one score per candidate. Its cost is a 
 the identity view's prediction), so the head's choice is nearly free.
 
 Inputs are ``[N, D + K]`` or ``[N, D + K, 1, 1]`` (the latter so that the one predictor trainer,
-:func:`ltta.training.predictor.train_predictor`, which takes image-shaped tensors, trains this
+:func:`ltta.predictor.trainer.train_predictor`, which takes image-shaped tensors, trains this
 head too, with cutout off). Outputs are scores, higher = lower predicted loss, as the trunk's.
 Not in the paper: issue 22's first variant. Reading a frozen classifier's features to predict
 something about its own errors is the idea of e.g. Jiang et al., *To Trust Or Not To Trust A

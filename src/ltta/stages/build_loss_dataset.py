@@ -21,7 +21,8 @@ from ltta.io import atomic_dir, save_npz, write_json
 from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw, to_uint8_nhwc
 from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.inputs import labelled_images, load_target, prepared_meta, split_indices
-from ltta.tta import Candidate, build_candidates, candidate_losses, identity_index, predictor_training_inputs
+from ltta.tta import Candidate, build_candidates, identity_index
+from ltta.predictor import candidate_losses, predictor_training_inputs
 
 STAGE = "build_loss_dataset"
 CHUNK = 4096  # source images per chunk: bounds memory on CPU and GPU alike

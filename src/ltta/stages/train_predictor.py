@@ -28,11 +28,11 @@ from ltta.stages.inputs import loss_meta, loss_split, prepared_meta
 from ltta.stages.train_sorter import load_or_train_sorter
 from ltta.stages.train_target import write_curve
 from ltta.stages.inputs import load_target
-from ltta.training.predictor import PredictorConfig, train_predictor
-from ltta.training.predictor_quality import prior_scores
-from ltta.tta import build_candidates, flip_ensemble_probs
+from ltta.predictor.quality import prior_scores
+from ltta.predictor.scoring import flip_ensemble_probs, predictor_scores
+from ltta.predictor.trainer import PredictorConfig, train_predictor
+from ltta.tta import build_candidates
 from ltta.tta.abstain import choose_margin
-from ltta.tta.scoring import predictor_scores
 from ltta.tta.target_features import target_features
 
 STAGE = "train_predictor"

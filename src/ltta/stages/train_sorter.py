@@ -2,7 +2,7 @@
 
 Not a DVC stage: the sorter depends on its settings (``train_predictor.sorter``), the candidate
 count (its sequence length) and the seed only, never on data, so it is kept in a cache directory
-(``models/sorters/``) under a name made of those settings (:meth:`ltta.tta.sodeep.SorterConfig.key`).
+(``models/sorters/``) under a name made of those settings (:meth:`ltta.predictor.sodeep.SorterConfig.key`).
 ``train_predictor`` trains it there itself when it is missing; this command does it ahead, e.g. on
 a GPU machine for the paper's full schedule, whose file then serves every later run. Prints the
 sorter's quality on fresh synthetic sequences.
@@ -19,7 +19,7 @@ from ltta.config import Params
 from ltta.runtime import resolve_device
 from ltta.stages.base import Paths
 from ltta.tta import build_candidates
-from ltta.tta.sodeep import SorterConfig, ensure_sorter, random_sequences, sorter_quality
+from ltta.predictor.sodeep import SorterConfig, ensure_sorter, random_sequences, sorter_quality
 
 STAGE = "train_sorter"
 

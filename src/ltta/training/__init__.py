@@ -1,4 +1,4 @@
-"""Trainers: the target classifier and the loss predictor.
+"""The target classifier's trainer and its modes (the loss predictor's trainer is in :mod:`ltta.predictor`).
 
 - :mod:`~ltta.training.target`: the one training loop (``train_classifier``), which knows no mode;
 - :mod:`~ltta.training.config`: ``TrainConfig``, the settings of a run, checked when made;
@@ -6,8 +6,7 @@
   modes (standard, augmix, policy, auxiliary), one module each;
 - :mod:`~ltta.training.preparation`, :mod:`~ltta.training.corruption_mixing`: how a batch is
   augmented before the mode sees it; :mod:`~ltta.training.augmix`: the AugMix augmentation;
-- :mod:`~ltta.training.distributed`: the same loop under ``torchrun``;
-- :mod:`~ltta.training.predictor`: the loss predictor's trainer.
+- :mod:`~ltta.training.distributed`: the same loop under ``torchrun``.
 
 Importing this package registers the training modes, which ``TrainConfig`` checks its ``mode``
 against (the trainer imports :mod:`ltta.training.modes`).

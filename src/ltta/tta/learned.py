@@ -25,7 +25,7 @@ from ltta.models.inference import eval_mode, model_device
 from ltta.registry import Registry
 from ltta.tta.abstain import select_abstain
 from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod, check_k_within_candidates
-from ltta.tta.scoring import flip_ensemble_probs
+from ltta.predictor.scoring import flip_ensemble_probs
 
 
 #: FLOPs by model and image size: counting traces a whole forward pass, so each model is counted once.
@@ -141,7 +141,7 @@ class LearnedTTA(TTAMethod):
 @TTA_METHODS.register("prior")
 class PriorTTA(TTAMethod):
     """Ablation of ``learned``: the same k candidates for every image, those with the lowest mean
-    loss over the predictor's training table (:func:`ltta.training.predictor.prior_scores`).
+    loss over the predictor's training table (:func:`ltta.predictor.quality.prior_scores`).
 
     Not in the paper; it answers whether the predictor's gain comes from reading the image or
     only from knowing which candidates help on average (on corrupted inputs, e.g. autocontrast).

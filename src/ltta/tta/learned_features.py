@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ltta.tta.learned import SELECTIONS, flops_per_image
 from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod, check_k_within_candidates
 from ltta.models.inference import eval_mode, model_device
-from ltta.tta.scoring import predictor_scores
+from ltta.predictor.scoring import predictor_scores
 from ltta.tta.target_features import PooledFeatures, target_features
 
 

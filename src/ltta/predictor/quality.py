@@ -1,6 +1,6 @@
 """How well a loss predictor ranks the candidates: against the true losses, the oracle and the prior.
 
-The measures :func:`ltta.training.predictor.train_predictor` reports each epoch on the validation
+The measures :func:`ltta.predictor.trainer.train_predictor` reports each epoch on the validation
 set, which the train_predictor stage writes as metrics and the benchmarks compare rankers by.
 The public code (kakaobrain/learning-loss-for-tta ``train.py``) logs the loss under the
 predictor's choice, under identity and under the oracle's choice, and a random ranking's as a
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ltta.tta.ranking import spearman_rho
-from ltta.tta.scoring import predictor_scores
+from ltta.predictor.ranking import spearman_rho
+from ltta.predictor.scoring import predictor_scores
 
 
 def check_loss_table(x: torch.Tensor, losses: torch.Tensor, name: str) -> None:

@@ -3,13 +3,13 @@
 Follows kakaobrain/learning-loss-for-tta ``train.py`` (settings from ``confs/imagenet.yaml``):
 
 - objective: ``target = softmin(losses / tau)`` (tau = 1), ``pred = softmax(output)``, SoDeep's
-  Spearman loss between them (``sodeep/sodeep.py``; :func:`ltta.tta.ranking.sodeep_style_rank_mse`);
-  or, as alternatives, ``1 - rho`` on soft ranks (:func:`ltta.tta.ranking.spearman_loss`) and,
-  not in the paper, ``listwise``, ListNet's top-one cross-entropy (:mod:`ltta.tta.listwise`). The
+  Spearman loss between them (``sodeep/sodeep.py``; :func:`ltta.predictor.ranking.sodeep_style_rank_mse`);
+  or, as alternatives, ``1 - rho`` on soft ranks (:func:`ltta.predictor.ranking.spearman_loss`) and,
+  not in the paper, ``listwise``, ListNet's top-one cross-entropy (:mod:`ltta.predictor.listwise`). The
   ranking inside either is a *ranker* by name (``ranker``): ``sodeep``, a SoDeep sorter trained
-  on synthetic sequences as the SoDeep paper does (:mod:`ltta.tta.sodeep`; the public one is not
+  on synthetic sequences as the SoDeep paper does (:mod:`ltta.predictor.sodeep`; the public one is not
   published) and frozen, as the public code uses it; ``soft_rank``, Blondel et al.'s fast soft
-  rank; ``pairwise_sigmoid``, a closed-form soft rank (see :mod:`ltta.tta.ranking`);
+  rank; ``pairwise_sigmoid``, a closed-form soft rank (see :mod:`ltta.predictor.ranking`);
 - plus ``decay * sum ||p||_2`` over every parameter outside normalisation layers (the public
   code adds ``torch.norm(p, p=2)``, the unsquared norm, with decay 1e-5; the optimiser's own
   weight decay is 0);
@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 
 from ltta.checkpoint import private_rng
 from ltta.registry import Registry
-from ltta.tta.listwise import softmin_cross_entropy
-from ltta.tta.ranking import RANKERS, Ranker, build_ranker, sodeep_style_rank_mse, spearman_loss, spearman_rho
-from ltta.training.predictor_quality import check_loss_table, predictor_quality, prior_scores
-from ltta.tta.scoring import as_float_images, predictor_scores
+from ltta.predictor.listwise import softmin_cross_entropy
+from ltta.predictor.ranking import RANKERS, Ranker, build_ranker, sodeep_style_rank_mse, spearman_loss, spearman_rho
+from ltta.predictor.quality import check_loss_table, predictor_quality, prior_scores
+from ltta.predictor.scoring import as_float_images, predictor_scores
 
 
 # ---------------------------------------------------------------- optimiser
@@ -118,7 +118,7 @@ Objective = Callable[[torch.Tensor, torch.Tensor, "PredictorConfig", Ranker], to
 OBJECTIVES: Registry[Objective] = Registry("predictor objective")
 OBJECTIVES.add("sodeep_style", _sodeep_objective)
 OBJECTIVES.add("spearman", _spearman_objective)
-OBJECTIVES.add("listwise", _listwise_objective)  # ltta.tta.listwise: top-heavy, not in the paper
+OBJECTIVES.add("listwise", _listwise_objective)  # ltta.predictor.listwise: top-heavy, not in the paper
 
 
 @dataclass
@@ -249,7 +249,7 @@ def train_predictor(
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train ``predictor`` in place; return its EMA copy (the one to evaluate and save) and the history.
 
-    ``sorter``: the trained SoDeep sorter that ranker ``sodeep`` needs (:func:`ltta.tta.sodeep.ensure_sorter`);
+    ``sorter``: the trained SoDeep sorter that ranker ``sodeep`` needs (:func:`ltta.predictor.sodeep.ensure_sorter`);
     it is moved to ``device`` and frozen (its weights never change, as in the public code).
 
     Images: float [N,3,H,W] in [0,1] or uint8 [N,3,H,W] (kept uint8 on the device, converted per

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from ltta.checkpoint import private_rng, stable_hash
 from ltta.io import load_torch, save_torch
 from ltta.registry import Registry
-from ltta.tta.ranking import exact_rank, normalized_descending_rank, spearman_rho
+from ltta.predictor.ranking import exact_rank, normalized_descending_rank, spearman_rho
 
 #: Bump when the sorter code changes in a way that invalidates cached weights.
 FORMAT_VERSION = 1
@@ -317,7 +317,7 @@ def ensure_sorter(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ltta.tta.sodeep``: train (or find) one sorter and print its validation quality."""
+    """``python -m ltta.predictor.sodeep``: train (or find) one sorter and print its validation quality."""
     defaults = SorterConfig()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(SorterConfig):

@@ -16,7 +16,7 @@ registered in :data:`RANKERS`, built by :func:`build_ranker`:
   Euclidean projection of ``s / eps`` onto the permutahedron of (C, ..., 1), computed by isotonic
   regression (pool adjacent violators); O(C log C), exact on distinct values once ``eps`` is
   below the smallest gap, and differentiable almost everywhere with a block-averaging Jacobian;
-- ``sodeep``: a trained SoDeep sorter (:mod:`ltta.tta.sodeep`), frozen, as the public code uses it.
+- ``sodeep``: a trained SoDeep sorter (:mod:`ltta.predictor.sodeep`), frozen, as the public code uses it.
 
 And two objectives use a ranker:
 
@@ -146,7 +146,7 @@ def _sodeep(temperature: float, sorter: nn.Module | None) -> Ranker:
     if sorter is None:
         raise ValueError(
             "ranker 'sodeep' needs a trained sorter: train one with `ltta train-sorter` "
-            "(ltta.tta.sodeep.ensure_sorter) and pass it, or choose ranker soft_rank / pairwise_sigmoid"
+            "(ltta.predictor.sodeep.ensure_sorter) and pass it, or choose ranker soft_rank / pairwise_sigmoid"
         )
     return lambda s: sorter_rank(sorter, s)
 
