@@ -297,7 +297,7 @@ def test_runner_on_cuda_matches_cpu() -> None:
 
 
 def test_pareto_front_keeps_only_methods_no_cheaper_one_beats() -> None:
-    from ltta.evaluation.report import pareto_front
+    from ltta.evaluation.figures import pareto_front
 
     pts = [(1.0, 80.0), (2.0, 79.0), (5.0, 85.0), (5.5748, 84.0), (24.0, 90.0), (3.0, 85.0)]
     assert pareto_front(pts) == [(1.0, 80.0), (3.0, 85.0), (24.0, 90.0)]
@@ -305,13 +305,14 @@ def test_pareto_front_keeps_only_methods_no_cheaper_one_beats() -> None:
 
 
 def test_cost_axis_ticks_are_distinct_integers_and_colours_are_colour_blind_safe(results: EvalResults) -> None:
-    from ltta.evaluation.report import OKABE_ITO, _cost_figure, cost_ticks, figures_markdown, method_colours
+    from ltta.evaluation.figures import OKABE_ITO, _cost_figure, cost_ticks, figures_markdown, method_families, method_styles
 
     assert cost_ticks([1.0, 2.0, 5.0, 5.5748, 24.0]) == [1, 2, 5, 6, 24]  # no "5" on top of "5.5748"
     fig = _cost_figure(results, ["gaussian_noise"], [])
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels and all(x.isdigit() for x in labels) and len(set(labels)) == len(labels)
-    assert any("Pareto" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
-    assert set(method_colours(results.methods()).values()) <= set(OKABE_ITO)
+    assert any("Pareto" in t.get_text() for t in fig.legends[0].get_texts())
+    styles = method_styles(results.methods(), method_families(results.methods()))
+    assert {st.colour for st in styles.values()} <= {*OKABE_ITO, "#000000"}
     md = figures_markdown(["accuracy_vs_cost.png"])
     assert "](figures/accuracy_vs_cost.png)" in md and "step lines" in md

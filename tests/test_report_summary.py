@@ -14,7 +14,7 @@ from ltta.evaluation import (
     DVC_METRIC_KEYS, EvalResults, method_metrics, relative_mce, relative_mce_where_defined, results_markdown,
     write_plots,
 )
-from ltta.evaluation.report import _cost_figure, highlighted_methods
+from ltta.evaluation.figures import _cost_figure, highlighted_methods
 
 # errors[method][corruption][severity] in %; "none" (the baseline) makes no error on snow.
 ERRORS = {
@@ -167,10 +167,11 @@ def test_cost_figure_marks_the_frontier_and_labels_the_highlighted_methods(tmp_p
     bold = {t.get_text() for t in ax.texts if t.get_fontweight() == "bold"}
     plain = {t.get_text() for t in ax.texts if t.get_fontweight() != "bold"}
     assert bold == {"learned", "prior"} and plain == {"none", "flip", "oracle"}
-    assert any("Pareto" in t.get_text() for t in ax.get_legend().get_texts())
-    # Larger markers for the highlighted ones: two scatter groups per series, the second one bigger.
-    sizes = [float(c.get_sizes()[0]) for c in ax.collections]
-    assert len(sizes) == 4 and sizes[1] > sizes[0] and sizes[3] > sizes[2]
+    assert any("Pareto" in t.get_text() for t in ax.figure.legends[0].get_texts())
+    # Larger markers for the highlighted ones: one scatter per method, named by its gid.
+    sizes = {c.get_gid(): float(c.get_sizes()[0]) for c in ax.collections}
+    assert set(sizes) == set(methods)
+    assert min(sizes["learned"], sizes["prior"]) > max(sizes["none"], sizes["flip"], sizes["oracle"])
 
     with_gps = _cost_results(methods + ["gps"])
     ax = _cost_figure(with_gps, ["fog"], []).axes[0]

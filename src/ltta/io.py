@@ -93,10 +93,14 @@ def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
             np.save(fh, array)
 
 
+#: The resolution every figure is written at (and laid out at, where text is placed by measuring it).
+FIGURE_DPI = 120
+
+
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     """Save a matplotlib figure as PNG atomically; returns the path (for logging it as an artifact)."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
     return Path(path)
 
 

@@ -1,51 +1,22 @@
-"""The results as the paper shows them: a Markdown table per report, PNG plots, DVC plot rows.
+"""The results as the paper shows them: the Markdown tables and the DVC plot rows.
+
+The figures are :mod:`~ltta.evaluation.figures`.
 
 Everything here reads an :class:`EvalResults` only, never a model, so a report can be re-rendered
-from saved records. Figures are built with matplotlib's object API (``Figure``, Agg canvas): no
-pyplot global state, no display needed, and each PNG is written under a temporary name then renamed.
+from saved records.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ltta.corruptions.names import BENCHMARK
 from ltta.evaluation.metrics import ROBUSTBENCH_SEVERITY
 from ltta.evaluation.runner import CLEAN, EvalResults
-from ltta.io import save_figure
 
 MISSING = "n/a"
-# The methods the paper is about, drawn larger and labelled in bold in the cost figure (those present).
-HIGHLIGHTED = ("learned", "prior", "gps")
 ROBUSTBENCH_IMAGES = 10_000  # images per corruption and severity on the RobustBench CIFAR-10-C leaderboard
-
-# Okabe & Ito's colour-blind-safe palette (https://jfly.uni-koeln.de/color/), black last: one colour
-# per method, in the order the methods were evaluated, the same in every figure.
-OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
-
-
-def method_colours(methods: Sequence[str]) -> dict[str, str]:
-    """A fixed colour per method (the palette repeats past eight methods)."""
-    return {m: OKABE_ITO[i % len(OKABE_ITO)] for i, m in enumerate(methods)}
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (cost, accuracy) points no other point beats on both (cheaper or equal, and more
-    accurate or equal, one strictly), sorted by cost: the methods worth their passes."""
-    front: list[tuple[float, float]] = []
-    for cost, acc in sorted(set(points), key=lambda p: (p[0], -p[1])):
-        if not front or acc > front[-1][1]:
-            front.append((cost, acc))
-    return front
-
-
-def cost_ticks(costs: Sequence[float]) -> list[int]:
-    """Integer ticks for the forward-pass axis: a learned top-k costs e.g. 5.57 passes, which next to
-    a tick at 5 printed two labels on top of each other; its own value is in the table instead."""
-    return sorted({max(1, round(c)) for c in costs if c > 0})
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -73,14 +44,14 @@ def _severity_text(severities: Sequence[int]) -> str:
     return ", ".join(str(v) for v in s)
 
 
-def _groups(
+def resolve_groups(
     results: EvalResults, benchmark: Sequence[str] | None, extra: Sequence[str] | None
 ) -> tuple[list[str], list[str]]:
     default_b, default_e = results.default_groups()
     return list(default_b if benchmark is None else benchmark), list(default_e if extra is None else extra)
 
 
-def _ordered_corruptions(results: EvalResults, benchmark: Sequence[str], extra: Sequence[str]) -> list[str]:
+def ordered_corruptions(results: EvalResults, benchmark: Sequence[str], extra: Sequence[str]) -> list[str]:
     """Benchmark first, then extras, then anything else evaluated, each group in its given order."""
     present = results.corruptions()
     head = [c for c in list(benchmark) + list(extra) if c in present]
@@ -104,7 +75,7 @@ def results_markdown(
     ``unseen`` (the benchmark corruptions held out of training, unseen-corruption study) adds the
     mean error over the seen and over the unseen ones next to the mean over all.
     """
-    benchmark, extra = _groups(results, benchmark, extra)
+    benchmark, extra = resolve_groups(results, benchmark, extra)
     unseen = list(unseen or [])
     summary = results.summary(benchmark, extra, baseline_method, unseen)
     sev = _severity_text(results.severities())
@@ -166,7 +137,7 @@ def results_markdown(
     lines += _table(header, rows)
     lines += _mce_note(results, benchmark, baseline_method)
     lines += _robustbench_section(results, benchmark)
-    corruptions = _ordered_corruptions(results, benchmark, extra)
+    corruptions = ordered_corruptions(results, benchmark, extra)
     if corruptions:
         lines += ["", f"## Error per corruption (mean over severities {sev}, %)", ""]
         per_rows = []
@@ -260,152 +231,9 @@ def _robustbench_section(results: EvalResults, benchmark: Sequence[str]) -> list
 def severity_plot_rows(results: EvalResults, benchmark: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Rows ``{method, severity, error}`` for ``dvc plots``: severity 0 is clean, others the mean
     error over the benchmark corruptions at that severity (default: the evaluated ones of the 15)."""
-    benchmark, _ = _groups(results, benchmark, None)
+    benchmark, _ = resolve_groups(results, benchmark, None)
     rows = []
     for m in results.methods():
         for s, err in sorted(results.severity_means(m, benchmark).items()):
             rows.append({"method": m, "severity": s, "error": round(err, 4)})
     return rows
-
-
-def _severity_figure(results: EvalResults, benchmark: Sequence[str]) -> Any:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
-    colours = method_colours(results.methods())
-    for m in results.methods():
-        means = results.severity_means(m, benchmark)
-        xs = sorted(means)
-        ax.plot(xs, [means[s] for s in xs], marker="o", label=m, color=colours[m])
-    ax.set_xlabel("severity (0 = clean)")
-    ax.set_ylabel(f"top-1 error (%), mean over {len(benchmark)} corruptions")
-    ax.set_title("Error by corruption severity")
-    ax.set_xticks(sorted({0, *results.severities()}))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return fig
-
-
-def _heatmap_figure(results: EvalResults, corruptions: Sequence[str]) -> Any:
-    from matplotlib.figure import Figure
-
-    methods = results.methods()
-    tables = {m: results.table(m) for m in methods}
-    data = [
-        [sum(tables[m][c].values()) / len(tables[m][c]) if tables[m].get(c) else float("nan") for m in methods]
-        for c in corruptions
-    ]
-    fig = Figure(figsize=(1.1 * len(methods) + 3.0, 0.38 * len(corruptions) + 1.6))
-    ax = fig.add_subplot()
-    image = ax.imshow(data, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
-    ax.set_yticks(range(len(corruptions)), corruptions)
-    finite = [v for row in data for v in row if v == v]
-    mid = (min(finite) + max(finite)) / 2 if finite else 0.0
-    for i, row in enumerate(data):
-        for j, v in enumerate(row):
-            if v == v:  # not NaN
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < mid else "black")
-    fig.colorbar(image, ax=ax, label="top-1 error (%), mean over severities")
-    ax.set_title("Error per corruption and TTA method")
-    return fig
-
-
-def marker_name(marker: str) -> str:
-    return {"o": "circles", "s": "squares"}.get(marker, marker)
-
-
-def highlighted_methods(methods: Sequence[str]) -> list[str]:
-    """The methods of :data:`HIGHLIGHTED` that were evaluated, in evaluation order (``gps`` may be absent)."""
-    return [m for m in methods if m in HIGHLIGHTED]
-
-
-def _scatter_methods(ax: Any, pts: Sequence[tuple[float, float, str]], marker: str, colours: Mapping[str, str],
-                     highlight: Sequence[str]) -> None:
-    """The points of one series, highlighted methods large and labelled in bold, the rest small and
-    faded with a grey label: the eye finds the paper's methods first, every colour stays the method's."""
-    for big in (False, True):
-        group = [p for p in pts if (p[2] in highlight) == big]
-        if not group:
-            continue
-        ax.scatter([p[0] for p in group], [p[1] for p in group], marker=marker, c=[colours[p[2]] for p in group],
-                   s=110 if big else 28, alpha=1.0 if big else 0.6, edgecolors="black" if big else "0.5",
-                   linewidths=1.2 if big else 0.5, zorder=4 if big else 3)
-        for x, y, m in group:
-            ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 4) if big else (5, 3),
-                        fontsize=9 if big else 7, fontweight="bold" if big else "normal",
-                        color="black" if big else "0.45")
-
-
-def _cost_figure(results: EvalResults, benchmark: Sequence[str], extra: Sequence[str]) -> Any:
-    from matplotlib.figure import Figure
-
-    summary = results.summary(benchmark, extra)
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
-    colours = method_colours(list(summary))
-    highlight = highlighted_methods(list(summary))
-    series: list[tuple[str, str, str, str]] = [
-        ("clean_error", "clean", "o", "-"), ("mean_corruption_error", "corrupted (benchmark mean)", "s", "--"),
-    ]
-    for key, label, marker, line in series:
-        pts = [(s["forward_passes"], 100.0 - s[key], m) for m, s in summary.items() if s[key] is not None]
-        pts = [p for p in pts if p[0] and p[0] > 0]
-        if not pts:
-            continue
-        _scatter_methods(ax, pts, marker, colours, highlight)
-        front = pareto_front([(x, y) for x, y, _ in pts])
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", linestyle=line, color="0.4",
-                label=f"{label}: Pareto frontier ({marker_name(marker)})")
-    ax.set_xscale("log")
-    costs = [s["forward_passes"] for s in summary.values() if s["forward_passes"]]
-    ticks = cost_ticks(costs)
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("forward passes per image (log scale; exact values in the table)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("Accuracy against test-time cost")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return fig
-
-
-FIGURE_CAPTIONS: dict[str, str] = {
-    "error_by_severity.png": "Mean error over the benchmark corruptions at each severity (0 = clean), one line per TTA method.",
-    "corruption_heatmap.png": "Error per corruption (rows) and TTA method (columns), mean over the evaluated severities.",
-    "accuracy_vs_cost.png": "Accuracy against forward passes per image; the step lines join the methods no cheaper one beats; "
-    "learned, prior and gps (where evaluated) are drawn large with bold labels.",
-}
-
-
-def figures_markdown(names: Sequence[str], folder: str = "figures") -> str:
-    """A Markdown section that shows each figure with its one-line meaning under it."""
-    lines = ["## Figures", ""]
-    for name in names:
-        lines += [f"![{name}]({folder}/{name})", "", FIGURE_CAPTIONS[name], ""]
-    return "\n".join(lines)
-
-
-def write_plots(
-    results: EvalResults,
-    out_dir: str | os.PathLike[str],
-    *,
-    benchmark: Sequence[str] | None = None,
-    extra: Sequence[str] | None = None,
-) -> list[Path]:
-    """Write the PNGs (error by severity, corruption x method heatmap, accuracy vs cost); return their paths.
-
-    The heatmap is left out when no corrupted set was evaluated.
-    """
-    benchmark, extra = _groups(results, benchmark, extra)
-    out = Path(out_dir)
-    corruptions = _ordered_corruptions(results, benchmark, extra)
-    figures: list[tuple[str, Callable[[], Any]]] = [
-        ("error_by_severity.png", lambda: _severity_figure(results, benchmark)),
-        ("accuracy_vs_cost.png", lambda: _cost_figure(results, benchmark, extra)),
-    ]
-    if corruptions:
-        figures.insert(1, ("corruption_heatmap.png", lambda: _heatmap_figure(results, corruptions)))
-    return [save_figure(make(), out / name) for name, make in figures]
-

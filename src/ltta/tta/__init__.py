@@ -30,12 +30,13 @@ from ltta.tta.candidates import (
     mirror_permutation,
     parse_candidate,
 )
-from ltta.tta.methods import TTA_METHODS, MethodContext, TTAMethod, build_method
+from ltta.tta.methods import FAMILIES, TTA_METHODS, MethodContext, TTAMethod, build_method
 from ltta.tta.learned import SELECTIONS, flops_per_image  # registers learned, prior, oracle right after the baselines
 from ltta.tta import aggregation, bn_adapt, gps, learned_features, tent  # register their methods (after the registry exists)
 
 __all__ = [
     "ACTIONS",
+    "FAMILIES",
     "PAPER_ACTIONS",
     "SELECTIONS",
     "TTA_METHODS",

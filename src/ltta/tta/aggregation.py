@@ -113,9 +113,13 @@ class AugWeightsTTA(_AggregationTTA):
 
     name = "agg_aug"
 
+    family = "fitted"
+
 
 @TTA_METHODS.register("agg_class")
 class ClassWeightsTTA(_AggregationTTA):
     """Shanmugam et al.'s ClassTTA: one learned weight per view and class."""
 
     name = "agg_class"
+
+    family = "fitted"

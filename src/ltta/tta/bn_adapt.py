@@ -68,6 +68,8 @@ class BNAdaptTTA(TTAMethod):
     """The target with batch-norm statistics from each test batch mixed with the source's (see the module)."""
 
     name = "bn_adapt"
+
+    family = "adaptation"
     adapts_on_test_stream = True
 
     def __init__(self, ctx: MethodContext) -> None:

@@ -244,6 +244,8 @@ class GPSTTA(TTAMethod):
 
     name = "gps"
 
+    family = "fitted"
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         if not isinstance(ctx.policy, GPSPolicy):

@@ -99,6 +99,8 @@ class LearnedTTA(TTAMethod):
 
     name = "learned"
 
+    family = "learned"
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         if ctx.predictor is None:
@@ -150,6 +152,8 @@ class PriorTTA(TTAMethod):
 
     name = "prior"
 
+    family = "learned"
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         if ctx.prior is None:
@@ -180,6 +184,8 @@ class OracleTTA(TTAMethod):
     """Upper bound: per image the k candidates with the lowest true loss (needs the labels)."""
 
     name = "oracle"
+
+    family = "oracle"
     needs_labels = True
 
     def __init__(self, ctx: MethodContext) -> None:

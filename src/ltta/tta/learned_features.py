@@ -40,6 +40,8 @@ class LearnedFeaturesTTA(TTAMethod):
 
     name = "feat_pick"
 
+    family = "learned"
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         head = ctx.predictor

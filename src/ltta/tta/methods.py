@@ -58,11 +58,22 @@ class MethodContext:
     threshold: float = 0.0  # learned: "eval_l2t"'s fallback ratio to identity, "abstain"'s margin (ltta.tta.abstain)
 
 
+#: The method families, in the order reports group them: what decides the views a method averages.
+FAMILIES: dict[str, str] = {
+    "classical": "classical views",  # a fixed set of views, the same for every image
+    "learned": "learned choice",  # views chosen per image (or once) from the loss predictor or features
+    "fitted": "fitted policies and aggregation",  # a policy or weights fitted on held-out data
+    "adaptation": "test-time adaptation",  # the model itself changes on the test stream
+    "oracle": "oracle (reads the labels)",  # an upper bound, not a method
+}
+
+
 class TTAMethod(ABC):
     """Base: ``predict(x, y=None) -> probs float32 [N,K]`` on ``x``'s device, in chunks."""
 
     name = "base"
     needs_labels = False
+    family = "classical"  #: a key of :data:`FAMILIES`: how the figures group and style it
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -331,6 +342,7 @@ class PolicyTTA(TTAMethod):
     """A static Fast AutoAugment policy: the image plus one view per each of its first k sub-policies."""
 
     name = "policy"
+    family = "fitted"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

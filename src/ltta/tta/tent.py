@@ -77,6 +77,8 @@ class TentTTA(TTAMethod):
     """TENT on a private copy of the target (see the module); ``reset()`` before each test set."""
 
     name = "tent"
+
+    family = "adaptation"
     adapts_on_test_stream = True
 
     def __init__(self, ctx: MethodContext) -> None:
