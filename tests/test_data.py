@@ -434,3 +434,26 @@ def test_validation_catches_starved_class_blank_images_and_bad_shapes(digits_spl
     assert ("gray", "expect_column_values_to_be_in_set", "shape") in failed
     assert ("floaty", "expect_column_values_to_be_in_set", "label_dtype") in failed
     assert len(failed) == 4
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.25, 0.5])
+@pytest.mark.parametrize("num_classes", [2, 3, 10])
+def test_the_split_minimum_is_what_scikit_learn_can_split(num_classes: int, fraction: float) -> None:
+    """``min_images_to_split`` is exact: scikit-learn's stratified split works there and fails one below."""
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    from ltta.data.splits import check_splittable, min_images_to_split
+
+    def labels(n: int) -> np.ndarray:
+        return np.arange(n) % num_classes
+
+    need = min_images_to_split(num_classes, fraction)
+    classes = [str(c) for c in range(num_classes)]
+    kw = {"what": "t", "kept": "a", "held_out": "b", "fix": "add images", "fraction_key": "f"}
+    check_splittable(labels(need), classes, fraction, **kw)
+    next(StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=0).split(np.zeros(need), labels(need)))
+    # one below: too few in all, or (at 2 per class) a class with a single image
+    with pytest.raises(ValueError, match=f"at least ({need} images; add images, or change f|2 images of every class)"):
+        check_splittable(labels(need - 1), classes, fraction, **kw)
+    with pytest.raises(ValueError):
+        next(StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=0).split(np.zeros(need - 1), labels(need - 1)))

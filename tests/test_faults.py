@@ -26,11 +26,13 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +252,30 @@ CATALOGUE: list[Fault] = [
           params={"data": {"source": "npz", "path": "user.npz"}}),
     Fault("prepare/folder-broken-image", "prepare-data", r"broken\.png is not a readable image", r"fix or remove it",
           inject=lambda ws, s: _image_folder(ws / "imgs"), params={"data": {"source": "folder", "path": "imgs"}}),
+    # Data a classifier and the paper's splits cannot be made from: refused before anything is written.
+    Fault("prepare/data-one-class", "prepare-data", r"npz: 1 class \(0\); a classifier needs at least 2 classes",
+          r"add images of another class", inject=user_npz(x_train=_images(20), y_train=np.zeros(20, np.int64)),
+          params={"data": {"source": "npz", "path": "user.npz"}}),
+    Fault("prepare/data-too-few-to-split", "prepare-data",
+          r"npz: 4 images split 3 train / 1 test at fraction 0\.2, but each side needs one image of each of the 2 classes",
+          r"at least 6 images; add images or provide a test split, or change data\.test_fraction",
+          inject=user_npz(x_train=_images(4), y_train=_labels(4)), params={"data": {"source": "npz", "path": "user.npz"}}),
+    Fault("prepare/data-rare-class", "prepare-data", r"needs at least 2 images of every class; 1 class\(es\) have fewer: 2 \(1\)",
+          r"add images or provide a test split, or drop those classes",
+          inject=user_npz(x_train=_images(21), y_train=np.array([0] * 10 + [1] * 10 + [2])),
+          params={"data": {"source": "npz", "path": "user.npz"}}),
+    Fault("prepare/data-capped-below-the-split", "prepare-data",
+          r"the training split: 14 images split 11 train_loss / 3 valid_loss .* each of the 4 classes: at least 16 images",
+          r"add images or raise data\.max_train, or change data\.valid_loss_fraction",
+          inject=user_npz(x_train=_images(40), y_train=np.arange(40) % 4, x_test=_images(8), y_test=np.arange(8) % 4),
+          params={"data": {"source": "npz", "path": "user.npz", "max_train": 14}}),
+    Fault("prepare/data-test-of-one-image", "prepare-data", r"the test split holds 1 image\(s\)",
+          r"add test images or raise data\.max_test",
+          inject=user_npz(x_train=_images(20), y_train=_labels(20), x_test=_images(1), y_test=np.array([0])),
+          params={"data": {"source": "npz", "path": "user.npz"}}),
+    Fault("prepare/folder-decompression-bomb", "prepare-data",
+          r"huge\.png is refused by Pillow's decompression-bomb limit", r"downscale it .* otherwise remove it",
+          inject=lambda ws, s: _bomb_folder(ws / "imgs"), params={"data": {"source": "folder", "path": "imgs"}}),
     Fault("prepare/full-disk", "prepare-data", r"no space left on device", r"free space .* and rerun", patch=full_disk),
     Fault("prepare/archive-wrong-checksum", "prepare-data", r"checksum mismatch for http://127\.0\.0\.1:\d+/cifar-10-python\.tar\.gz",
           r"deleted.*Rerun", inject=cifar_archive(VALID_MEMBERS, md5="0" * 32)),
@@ -365,6 +391,27 @@ def _crafted_batches(ws: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
     members = [(tarfile.TarInfo(f"{FOLDER}/{n}"), pickle.dumps({b"data": b"", b"labels": []})) for n in names]
     members[0] = (members[0][0], pickle.dumps(_Exploit(str(ws / MARKER)), protocol=2))
     return members
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` 1-bit pixels and holds no pixel data: Pillow
+    reads the size when it opens the file, so its decompression-bomb check fires without decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _bomb_folder(root: Path) -> None:
+    """Two class folders of real images, one of them holding a picture past Pillow's pixel limit."""
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(_images(1, seed=i)[0]).save(root / cls / f"{i}.png")
+    (root / "b" / "huge.png").write_bytes(_png_header_only(20_000, 10_000))  # 2e8 pixels > 2 x 89,478,485
 
 
 def _image_folder(root: Path) -> None:

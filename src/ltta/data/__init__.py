@@ -8,7 +8,7 @@ from ltta.data.download import download_file, md5sum
 from ltta.data.sources import SOURCES, RawDataset, load_source
 from ltta.data import cifar, npz_source, image_folder  # noqa: I001 (register their sources after the registry exists, in this order)
 from ltta.data.cifar import CIFAR
-from ltta.data.splits import loss_predictor_split, stratified_holdout, subsample_stratified
+from ltta.data.splits import check_prepared_splits, check_splittable, loss_predictor_split, stratified_holdout, subsample_stratified
 from ltta.data.validation import DataValidationError, validate_splits
 
 __all__ = [
@@ -16,6 +16,8 @@ __all__ = [
     "SOURCES",
     "DataValidationError",
     "RawDataset",
+    "check_prepared_splits",
+    "check_splittable",
     "cifar",
     "download_file",
     "image_folder",

@@ -89,8 +89,15 @@ def _read_image(f: Path, size: int) -> np.ndarray:
     try:
         with Image.open(f) as im:
             im.load()
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"{f} is not a readable image ({exc}); fix or remove it") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own safety limit, not an OSError
+        raise ValueError(
+            f"{f} is refused by Pillow's decompression-bomb limit ({exc}); if the image is genuine, downscale "
+            f"it (or raise PIL.Image.MAX_IMAGE_PIXELS in your own code), otherwise remove it"
+        ) from None
+    except MemoryError:
+        raise ValueError(f"{f}: decoding it ran out of memory; downscale the image or remove it") from None
+    except Exception as exc:  # noqa: BLE001 (a decoder fails in many ways: OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"{f} is not a readable image ({type(exc).__name__}: {exc}); fix or remove it") from None
     return np.asarray(_to_rgb(im, f).resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 

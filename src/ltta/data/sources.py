@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ltta.data.splits import stratified_holdout
+from ltta.data.splits import check_splittable, stratified_holdout
 from ltta.registry import Registry
 
 CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
@@ -83,13 +83,8 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
 
 def holdout(x: np.ndarray, y: np.ndarray, classes: list[str], name: str, a: SourceArgs) -> RawDataset:
     """A stratified test split for sources that ship none (digits, a user's data without a test part)."""
-    counts = np.bincount(y, minlength=len(classes))
-    if (counts < 2).any():
-        rare = [classes[i] for i in np.flatnonzero(counts < 2)]
-        raise ValueError(
-            f"{name}: classes {rare} have fewer than 2 images, too few for a stratified test split; "
-            f"add images, drop those classes, or provide a test split"
-        )
+    check_splittable(y, classes, a.test_fraction, what=name, kept="train", held_out="test",
+                     fix="add images or provide a test split", fraction_key="data.test_fraction")  # fmt: skip
     tr, te = stratified_holdout(y, a.test_fraction, a.seed)
     return RawDataset(x[tr], y[tr], x[te], y[te], classes, name)
 

@@ -15,7 +15,7 @@ import numpy as np
 from ltta import tracking
 from ltta.config import Params
 from ltta.corruptions import write_corruption_set
-from ltta.data import load_source, loss_predictor_split, subsample_stratified, validate_splits
+from ltta.data import check_prepared_splits, load_source, loss_predictor_split, subsample_stratified, validate_splits
 from ltta.io import atomic_dir, save_npz, write_json
 from ltta.runtime import resolve_device
 from ltta.stages.base import Paths, mlflow_stage
@@ -47,6 +47,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         )
         x_train, y_train = _cap(raw.x_train, raw.y_train, d.max_train, params.seed)
         x_test, y_test = _cap(raw.x_test, raw.y_test, d.max_test, params.seed)
+        check_prepared_splits(y_train, y_test, raw.classes, d.valid_loss_fraction)  # before anything is written
         train_loss, valid_loss = loss_predictor_split(y_train, valid_fraction=d.valid_loss_fraction, seed=params.seed)
 
         report_path = paths.reports / "data_validation.json"
