@@ -115,6 +115,8 @@ class AugWeightsTTA(_AggregationTTA):
 
     family = "fitted"
 
+    merges_views = False
+
 
 @TTA_METHODS.register("agg_class")
 class ClassWeightsTTA(_AggregationTTA):
@@ -123,3 +125,5 @@ class ClassWeightsTTA(_AggregationTTA):
     name = "agg_class"
 
     family = "fitted"
+
+    merges_views = False

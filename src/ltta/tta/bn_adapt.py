@@ -70,6 +70,8 @@ class BNAdaptTTA(TTAMethod):
     name = "bn_adapt"
 
     family = "adaptation"
+
+    merges_views = False
     adapts_on_test_stream = True
 
     def __init__(self, ctx: MethodContext) -> None:

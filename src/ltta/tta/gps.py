@@ -246,6 +246,8 @@ class GPSTTA(TTAMethod):
 
     family = "fitted"
 
+    merges_views = False
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         if not isinstance(ctx.policy, GPSPolicy):

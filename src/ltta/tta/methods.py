@@ -35,6 +35,7 @@ from ltta.registry import Registry
 from ltta.models.inference import model_device, predict_proba
 from ltta.runtime import make_generator
 from ltta.tta.candidates import Candidate, build_candidates, grouped_views
+from ltta.tta.merging import MERGES, merge, sum_in_order
 
 
 @dataclass
@@ -56,6 +57,7 @@ class MethodContext:
     selection: str = "topk"  # learned: how scores become k candidates (SELECTIONS)
     bn_prior: float = 0.0  # bn_adapt: prior strength N of the source statistics (0: the test batch alone)
     threshold: float = 0.0  # learned: "eval_l2t"'s fallback ratio to identity, "abstain"'s margin (ltta.tta.abstain)
+    merge: str = "mean"  # how the views' softmaxes are combined (ltta.tta.merging.MERGES); the paper's mean
 
 
 #: The method families, in the order reports group them: what decides the views a method averages.
@@ -74,6 +76,7 @@ class TTAMethod(ABC):
     name = "base"
     needs_labels = False
     family = "classical"  #: a key of :data:`FAMILIES`: how the figures group and style it
+    merges_views = True  #: whether its views are merged with equal weight, so any merge mode applies
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -109,7 +112,7 @@ class TTAMethod(ABC):
         stacked = views.flatten(0, 1) if isinstance(views, torch.Tensor) else torch.cat(list(views))
         count = views.shape[0] if isinstance(views, torch.Tensor) else len(views)
         probs = self._probs(stacked)
-        return _mean_in_order(probs.view(count, probs.shape[0] // count, probs.shape[1]))
+        return merge(probs.view(count, probs.shape[0] // count, probs.shape[1]), self.ctx.merge)
 
     @abstractmethod
     def _predict_chunk(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -193,7 +196,12 @@ class TTAMethod(ABC):
         count = (sel >= 0).sum(1, keepdim=True)
         if bool((count == 0).any()):
             raise ValueError("the selection chose no view for some image (a row of -1 slots)")
-        total = _sum_in_order(per_slot.view(n, k, -1).transpose(0, 1))
+        if self.ctx.merge != "mean":
+            if not bool((count == k).all()):
+                raise ValueError(f"merge {self.ctx.merge!r} needs every image's k views; an abstaining selection "
+                                 "leaves some out: use merge 'mean'")
+            return merge(per_slot.view(n, k, -1).transpose(0, 1), self.ctx.merge)
+        total = sum_in_order(per_slot.view(n, k, -1).transpose(0, 1))
         return total / k if bool((count == k).all()) else total / count
 
     def _all_candidate_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,20 +210,6 @@ class TTAMethod(ABC):
         image_index = torch.arange(n, device=x.device).repeat(c_count)  # candidate-major rows
         parts = [probs for _, probs in self._scored_rows(x, image_index, [n] * c_count)]
         return torch.cat(parts).view(c_count, n, -1).transpose(0, 1)
-
-
-def _sum_in_order(per_view: torch.Tensor) -> torch.Tensor:
-    """Sum over the first axis of [V,N,K], view by view as a running sum would: the same values
-    however the views were batched, and on CUDA the same on every run (no atomics)."""
-    acc = per_view[0]
-    for v in range(1, per_view.shape[0]):
-        acc = acc + per_view[v]
-    return acc
-
-
-def _mean_in_order(per_view: torch.Tensor) -> torch.Tensor:
-    """Mean over the first axis of [V,N,K]: :func:`_sum_in_order` over V."""
-    return _sum_in_order(per_view) / per_view.shape[0]
 
 
 def _row_slices(sizes: Sequence[int], budget: int) -> Iterator[tuple[int, int, list[int]]]:
@@ -384,6 +378,7 @@ def build_method(
     selection: str = "topk",
     threshold: float = 0.0,
     bn_prior: float = 0.0,
+    merge: str = "mean",
 ) -> TTAMethod:
     """Build the TTA method ``name`` around the frozen ``target``.
 
@@ -393,7 +388,14 @@ def build_method(
     ``device``: where views are made; default the target's.
     ``selection`` / ``threshold``: how ``learned`` picks its k views (:data:`~ltta.tta.learned.SELECTIONS`).
     ``bn_prior``: ``bn_adapt``'s prior strength N.
+    ``merge``: how the views' softmaxes are combined (:data:`~ltta.tta.merging.MERGES`), for the
+    methods that average views with equal weight (``merges_views``).
     """
+    method_class = TTA_METHODS.get(name)
+    MERGES.get(merge)  # an unknown mode is refused by name, listing the known ones
+    if merge != "mean" and not method_class.merges_views:
+        raise ValueError(f"method {name!r} does not average views with equal weight (its weights, policy or adaptation "
+                         f"were fitted for its own rule); use merge 'mean' with it, or a view method (flip, crops, learned)")
     dev = torch.device(device) if device is not None else model_device(target)
     if candidates is None:
         cands = build_candidates("all")
@@ -406,6 +408,6 @@ def build_method(
     ctx = MethodContext(
         target=target, candidates=cands, k=k, predictor=predictor, prior=prior_t, policy=policy, generator=generator,
         batch_size=batch_size, device=dev, amp=amp, crop_margin=crop_margin, image_size=image_size,
-        selection=selection, threshold=threshold, bn_prior=bn_prior,
+        selection=selection, threshold=threshold, bn_prior=bn_prior, merge=merge,
     )
-    return TTA_METHODS.get(name)(ctx)
+    return method_class(ctx)

@@ -79,6 +79,8 @@ class TentTTA(TTAMethod):
     name = "tent"
 
     family = "adaptation"
+
+    merges_views = False
     adapts_on_test_stream = True
 
     def __init__(self, ctx: MethodContext) -> None:
