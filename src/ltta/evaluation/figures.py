@@ -261,10 +261,6 @@ def _heatmap_figure(results: EvalResults, corruptions: Sequence[str], families: 
     return fig
 
 
-def marker_name(marker: str) -> str:
-    return {"o": "circles", "s": "squares"}.get(marker, marker)
-
-
 def highlighted_methods(methods: Sequence[str]) -> list[str]:
     """The methods of :data:`HIGHLIGHTED` that were evaluated, in evaluation order (``gps`` may be absent)."""
     return [m for m in methods if m in HIGHLIGHTED]
