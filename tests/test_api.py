@@ -91,3 +91,29 @@ def test_the_wrapper_refuses_what_it_cannot_do() -> None:
         ltta.api.TTA(model, "learned")
     with pytest.raises(ValueError, match=r"expected images \[N,3,H,W\]"):
         ltta.api.TTA(model, "flip")(torch.rand(2, 32, 32))
+
+
+def test_benchmark_reproduces_the_evaluate_stages_table(tiny_pipeline: tuple[Path, dict]) -> None:
+    """On the tiny pipeline's own files (target, test split, corrupted sets), benchmark() gives the
+    evaluate stage's numbers for the methods that need no fitting, adaptation included."""
+    import json
+
+    import numpy as np
+
+    from ltta.model_io import load_model_file
+
+    ws, raw = tiny_pipeline
+    e = raw["evaluate"]
+    assert e["max_images"] >= raw["data"]["max_test"]  # the stage evaluated the whole test split, as below
+    target, _ = load_model_file(ws / "models" / "target.pt")
+    with np.load(ws / "data" / "prepared" / "test.npz") as z:
+        x, y = z["x"], z["y"]
+    methods = ["none", "flip", "five_crop", "ten_crop", "random", "bn_adapt", "tent"]
+    results = ltta.api.benchmark(target, x, y, methods=methods, corruptions=raw["corruptions"]["names"],
+                                 severities=e["severities"], corrupted_dir=ws / "data" / "corrupted" / "test",
+                                 k=e["k"], batch_size=e["batch_size"], bn_prior=e["bn_prior"])
+    ours = results.summary(baseline_method="none")
+    theirs = json.loads((ws / "reports" / "eval.json").read_text())["summary"]
+    for m in methods:
+        for key in ("clean_error", "mean_corruption_error", "extra_error", "corruption_nll", "forward_passes"):
+            assert ours[m][key] == pytest.approx(theirs[m][key], abs=1e-4), (m, key)

@@ -161,6 +161,7 @@ def benchmark(
 ) -> Any:
     """Evaluate ``model`` with ``methods`` on the clean images and each corruption x severity.
 
+    ``batch_size`` is also the chunk the sets are fed in (test-time adaptation adapts per chunk).
     ``x`` / ``y``: the clean test images (uint8 [N,32,32,3] or float [N,3,32,32] in [0,1]) and
     labels. The corrupted sets are generated from them (the CIFAR-10-C generator, seeded by
     ``seed``), or, with ``corrupted_dir``, read from a CIFAR-10-C / CIFAR-100-C folder (the
@@ -191,4 +192,5 @@ def benchmark(
             else:
                 images = corrupt_images(x_u8, name, s, seed=seed)
                 sets.append(EvalSet(name, s, _as_tensor_images(images), y_t))
-    return evaluate_methods(built, sets, progress=progress)
+    # Sets are fed in chunks of batch_size, as the evaluate stage feeds them: bn_adapt and tent adapt per chunk.
+    return evaluate_methods(built, sets, batch_size=batch_size, progress=progress)
