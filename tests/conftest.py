@@ -67,16 +67,75 @@ def running_server(cmd: list[str], ready_url: str, log: Path, *, cwd: Path, env:
                 proc.kill()
 
 
+@contextlib.contextmanager
+def running_mlflow_server(base: Path, backend_store: str) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 over ``backend_store``, artifacts under ``base``; its URI."""
+    port = free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    cmd = [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", backend_store, "--artifacts-destination", str(base / "artifacts")]
+    uri = f"http://127.0.0.1:{port}"
+    with running_server(cmd, uri + "/health", base / "server.log", cwd=base):
+        yield uri
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` (SQLite store) on 127.0.0.1, stopped at the end of the session."""
     base = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    exe = Path(sys.executable).parent / "mlflow"
-    cmd = [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}", "--artifacts-destination", str(base / "artifacts")]
-    uri = f"http://127.0.0.1:{port}"
-    with running_server(cmd, uri + "/health", base / "server.log", cwd=base):
+    with running_mlflow_server(base, f"sqlite:///{base / 'mlflow.db'}") as uri:
+        yield uri
+
+
+#: The PostgreSQL server the tests may use (trust authentication); LTTA_TEST_POSTGRES overrides it.
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """A fresh database on :data:`POSTGRES` for one test (or session), dropped after; its URL.
+
+    Skips with the reason where no server answers, unless ``LTTA_REQUIRE_POSTGRES=1`` (CI), where
+    a missing server is a failure: the tests that need a server database must not pass by skipping.
+    """
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin_url = make_url(os.environ.get("LTTA_TEST_POSTGRES", POSTGRES))
+    try:
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+        with admin.connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:  # noqa: BLE001 - no driver, no server, refused: all mean "none here"
+        reason = f"no PostgreSQL at {admin_url.render_as_string(hide_password=True)} ({type(exc).__name__}: " \
+                 f"{str(exc).splitlines()[0] if str(exc) else ''}); set LTTA_TEST_POSTGRES to one"
+        if os.environ.get("LTTA_REQUIRE_POSTGRES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (see :func:`postgres_database`)."""
+    with postgres_database("ltta_test") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` whose backend store is a PostgreSQL database, as a team runs it."""
+    with postgres_database("ltta_mlflow") as db, running_mlflow_server(tmp_path_factory.mktemp("mlflow-server-pg"), db) as uri:
         yield uri
 
 

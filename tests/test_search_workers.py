@@ -1,4 +1,4 @@
-"""Fast AutoAugment search spread over worker processes that share one SQLite Optuna storage.
+"""Fast AutoAugment search spread over worker processes that share one Optuna storage (SQLite or PostgreSQL).
 
 Run as a script, this file is one search worker (``python tests/test_search_workers.py ...``):
 the tests start real worker processes against one storage, kill one in the middle of a trial,
@@ -118,12 +118,21 @@ def _wait_for(path: Path, procs: list[subprocess.Popen[str]], timeout: float = 1
         time.sleep(0.02)
 
 
-def test_two_workers_and_a_killed_trial_give_the_single_process_search(tmp_path) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One SQLite file (workers on one host), or a PostgreSQL database (workers on several machines)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'search.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_two_workers_and_a_killed_trial_give_the_single_process_search(tmp_path: Path, storage_url: str) -> None:
+    """Separate worker processes share one study in the storage (a file, or a server database)."""
     x, y = digits()
     data, sync, cache = tmp_path / "data.npz", tmp_path / "sync", tmp_path / "models"
     np.savez(data, x=x.numpy(), y=y.numpy())
     sync.mkdir()
-    url = f"sqlite:///{tmp_path / 'search.db'}"
+    url = storage_url
 
     worker, victim = _spawn("worker", url, cache, data, sync), _spawn("victim", url, cache, data, sync)
     _wait_for(sync / "victim-in-trial", [worker, victim])

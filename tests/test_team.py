@@ -57,9 +57,10 @@ def _tiny_profile() -> dict:
 
 
 @pytest.fixture(scope="module")
-def env(mlflow_server: str) -> dict[str, str]:
+def env(mlflow_server_postgres: str) -> dict[str, str]:
+    """The team's environment: its tracking server keeps runs and the registry in PostgreSQL."""
     out = dict(os.environ)
-    out.update(MLFLOW_TRACKING_URI=mlflow_server, PATH=f"{BIN}{os.pathsep}{out.get('PATH', '')}", GIT_AUTHOR_NAME="t",
+    out.update(MLFLOW_TRACKING_URI=mlflow_server_postgres, PATH=f"{BIN}{os.pathsep}{out.get('PATH', '')}", GIT_AUTHOR_NAME="t",
                GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.invalid")
     return out
 
