@@ -257,7 +257,7 @@ def test_markdown_table(results: EvalResults) -> None:
         assert all(row.count("|") - 1 == n_cols for row in block)
     main, robust, per = blocks
     assert len(main) == 4 and len(robust) == 4 and len(per) == 4  # header, separator, 2 methods
-    assert robust[2] == "| linear | n/a | 25.00 |"  # severities 1-2 only: no severity 5
+    assert robust[2] == "| linear | 25.00 | n/a |"  # severities 1-2 only: all-severity mean, no severity 5
     assert main[2].startswith("| linear | 0.00 | 75.00 | n/a | 100.0 |")
     assert main[3].startswith("| oracle | 0.00 | 0.00 | n/a | 0.0 |")
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in main]

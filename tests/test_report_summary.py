@@ -71,10 +71,12 @@ def test_robustbench_accuracies_by_hand() -> None:
 
     md = results_markdown(res, title="t", meta={}, baseline_method="none")
     heading = "## RobustBench view (accuracy, %)"
-    assert _row(md, "learned", heading) == ["learned", "80.33", "87.33"]
-    assert "| Method | Sev. 5 acc. (3) | All-severity acc. (3) |" in md
+    assert _row(md, "learned", heading) == ["learned", "87.33", "80.33"]
+    assert "| Method | All-severity acc. (3; RobustBench's) | Sev. 5 acc. (3) |" in md
     note = _note_after(md, heading)
-    assert "RobustBench's CIFAR-10-C leaderboard" in note and "severity 5" in note and "10,000 images" in note
+    # The leaderboard's number is the mean over all corruption x severity cells (robustbench eval.py), not severity 5.
+    assert "leaderboard reports the first: the mean over all 15 corruptions x severities 1-5, 10,000 images each" in note
+    assert "Severities 1, 5 were evaluated, not 1-5, so the all-severity column is not the leaderboard's." in note
     assert "here 100 images per corruption and severity" in note
     assert "Only 3 of the 15 benchmark corruptions were evaluated" in note
     assert "was not evaluated (" not in note  # severity 5 is there
@@ -87,6 +89,20 @@ def test_robustbench_with_all_fifteen_has_no_caveat() -> None:
     assert "Only" not in note and "n/a" not in note
 
 
+def test_the_robustbench_column_is_the_mean_over_all_75_cells() -> None:
+    """RobustBench's corruption accuracy (eval.py corruptions_evaluation) is the mean over the 15
+    corruptions x 5 severities; by hand: cell errors i + s for corruption i (0..14), severity s (1..5)."""
+    res = _results({"none": {c: {s: float(i + s) for s in range(1, 6)} for i, c in enumerate(BENCHMARK)}})
+    cells = [i + s for i in range(15) for s in range(1, 6)]
+    got = res.robustbench()["none"]
+    assert got["robustbench_all_acc"] == pytest.approx(100.0 - sum(cells) / 75)  # 100 - 10 = 90
+    assert got["robustbench_sev5_acc"] == pytest.approx(100.0 - sum(i + 5 for i in range(15)) / 15)  # 100 - 12 = 88
+    md = results_markdown(res, title="t", meta={})
+    assert _row(md, "none", "## RobustBench view (accuracy, %)") == ["none", "90.00", "88.00"]
+    note = _note_after(md, "## RobustBench view (accuracy, %)")
+    assert "not the leaderboard's" not in note and "Only" not in note and "n/a" not in note
+
+
 def test_missing_severity_5_reads_na_with_the_reason() -> None:
     low = {m: {c: {s: e for s, e in by.items() if s == 1} | {2: 50.0} for c, by in t.items()} for m, t in ERRORS.items()}
     res = _results(low)
@@ -95,7 +111,7 @@ def test_missing_severity_5_reads_na_with_the_reason() -> None:
     assert res.to_json()["summary"]["learned"]["robustbench_sev5_acc"] is None
     md = results_markdown(res, title="t", meta={})
     heading = "## RobustBench view (accuracy, %)"
-    assert _row(md, "learned", heading)[1] == "n/a"
+    assert _row(md, "learned", heading)[2] == "n/a"
     assert "Sev. 5 acc. is n/a: severity 5 was not evaluated (severities 1-2)." in _note_after(md, heading)
 
     # Severity 5 on some corruptions only: n/a too, naming the ones without it.
