@@ -71,3 +71,24 @@ def test_tent_resets_between_corrupted_sets(target: SmallCNN, shifted: torch.Ten
     res = evaluate_methods({"tent": build_method("tent", target, batch_size=16)}, sets, progress=False)
     errors = {r.corruption: (r.error, r.nll) for r in res.records}
     assert errors["contrast"] == errors["fog"] == errors[CLEAN]  # the runner resets before every set
+
+
+def test_the_stream_batch_is_per_method_and_the_tent_protocol_sets_200(target: SmallCNN, shifted: torch.Tensor) -> None:
+    """TENT's numbers depend on its test-stream batch; the runner feeds each method its own, so tent
+    at 16 beside a method at 32 equals tent run alone at 16, and differs from tent at 32."""
+    from ltta.evaluation.protocols import PROTOCOLS, method_batch_sizes
+
+    y = torch.zeros(shifted.shape[0], dtype=torch.long)
+    sets = [EvalSet("fog", 5, shifted, y)]
+
+    def err(size: int) -> float:
+        method = build_method("tent", target, batch_size=size)
+        return evaluate_methods({"tent": method}, sets, batch_size=size, progress=False).records[0].nll
+
+    mixed = evaluate_methods({"tent": build_method("tent", target, batch_size=16), "none": build_method("none", target)},
+                             sets, batch_size=32, method_batch_sizes={"tent": 16}, progress=False).records
+    assert mixed[0].nll == err(16) != err(32)
+    assert PROTOCOLS.get("tent").batch_sizes == {"tent": 200, "bn_adapt": 200}  # DequanWang/tent cfgs/tent.yaml
+    assert method_batch_sizes("tent", ["none", "tent", "bn_adapt"], 512) == {"none": 512, "tent": 200, "bn_adapt": 200}
+    assert method_batch_sizes("tent", ["tent"], 512, {"tent": 128}) == {"tent": 128}
+    assert method_batch_sizes("ltta", ["tent"], 512) == {"tent": 512}

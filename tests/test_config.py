@@ -49,6 +49,9 @@ def test_profiles_are_one_switch_away(profile: str, source: str, arch: str) -> N
         (lambda r: r["evaluate"].__setitem__("selection", "greedy"), "evaluate.selection"),
         (lambda r: r["evaluate"].__setitem__("threshold", -0.5), "evaluate.threshold"),
         (lambda r: r["evaluate"].__setitem__("threshold", 0.5), "evaluate"),  # threshold needs selection eval_l2t
+        (lambda r: r["evaluate"].__setitem__("protocol", "robustbench"), "evaluate.protocol"),
+        (lambda r: r["evaluate"].__setitem__("batch_sizes", {"tent": 0}), "evaluate.batch_sizes.tent"),
+        (lambda r: r["evaluate"].__setitem__("batch_sizes", {"gps_x": 8}), "evaluate"),  # not an evaluated method
     ],
 )
 def test_bad_values_name_the_key(raw: dict, mutate, key: str) -> None:
@@ -108,6 +111,7 @@ def test_schema_literals_match_their_registries() -> None:
     from ltta.tta import SELECTIONS, TTA_METHODS
     from ltta.predictor import RANKERS
     from ltta.predictor.sodeep import SORTERS
+    from ltta.evaluation.protocols import PROTOCOLS
 
     def names(model: type, field: str) -> set[str]:
         ann = model.model_fields[field].annotation
@@ -118,7 +122,7 @@ def test_schema_literals_match_their_registries() -> None:
         (names(TrainTargetParams, "aux_families"), AUX_FAMILIES), (names(TrainPredictorParams, "optimizer"), OPTIMIZERS),
         (names(TrainPredictorParams, "objective"), OBJECTIVES), (names(TrainPredictorParams, "ranker"), RANKERS),
         (names(SorterParams, "model"), SORTERS), (names(EvaluateParams, "methods"), TTA_METHODS),
-        (names(EvaluateParams, "selection"), SELECTIONS),
+        (names(EvaluateParams, "selection"), SELECTIONS), (names(EvaluateParams, "protocol"), PROTOCOLS),
     ]
     for literal, registry in pairs:
         assert literal == set(registry.names()), (registry.kind, literal ^ set(registry.names()))

@@ -324,6 +324,10 @@ class EvaluateParams(_Section):
     bn_prior: Annotated[float, Field(ge=0)] = 0.0  # bn_adapt: prior strength N of the source statistics
     baseline: str = "none"  # the method that mCE is relative to
     batch_size: PositiveInt = 512
+    # The published setting test-time adaptation runs under (ltta.evaluation.protocols.PROTOCOLS): its
+    # per-method test-stream batches; batch_sizes overrides single methods ({tent: 128}).
+    protocol: Literal["ltta", "tent"] = "ltta"
+    batch_sizes: dict[str, PositiveInt] = Field(default_factory=dict)
     severities: list[Annotated[int, Field(ge=1, le=5)]] = Field(default=[1, 2, 3, 4, 5], min_length=1)
     max_images: PositiveInt | None = None  # cap on clean and corrupted test images per set
     target: ModelSource = "models/target.pt"  # the target: its file, or an MLflow model URI
@@ -336,6 +340,14 @@ class EvaluateParams(_Section):
     def _baseline_in_methods(self) -> EvaluateParams:
         if self.baseline not in self.methods:
             raise ValueError(f"evaluate.baseline {self.baseline!r} must be one of evaluate.methods {self.methods}")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_sizes_name_methods(self) -> EvaluateParams:
+        unknown = sorted(set(self.batch_sizes) - set(self.methods))
+        if unknown:
+            raise ValueError(f"evaluate.batch_sizes names {unknown}, not among evaluate.methods {self.methods}; "
+                             "give a batch size only to a method that is evaluated")
         return self
 
     @model_validator(mode="after")

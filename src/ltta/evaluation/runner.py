@@ -133,20 +133,22 @@ def evaluate_methods(
     sets: Iterable[EvalSet],
     *,
     batch_size: int | None = None,
+    method_batch_sizes: Mapping[str, int] | None = None,
     ece_bins: int = 15,
     progress: bool = True,
 ) -> EvalResults:
     """Score every method on every set; wall-clock throughput includes CUDA synchronisation.
 
     Each set is loaded once and shared by all methods. ``batch_size`` splits a set into chunks
-    before ``predict`` (None: the whole set in one call, for methods that batch themselves).
-    The oracle (a method whose ``predict`` takes ``y``) gets the labels. ECE uses ``ece_bins``
-    equal-width bins (15, as Guo et al.).
+    before ``predict`` (None: one call, for methods that batch themselves); ``method_batch_sizes``
+    sets it per method (the stream test-time adaptation adapts on: :mod:`~ltta.evaluation.protocols`).
+    The oracle (``predict`` takes ``y``) gets the labels. ECE: ``ece_bins`` equal bins (15, Guo et al.).
     """
     if not methods:
         raise ValueError("evaluate_methods needs at least one method")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be positive or None, got {batch_size}")
+    chunks = {label: (method_batch_sizes or {}).get(label, batch_size) for label in methods}
+    if bad := {label: size for label, size in chunks.items() if size is not None and size < 1}:
+        raise ValueError(f"batch sizes must be positive or None, got {bad}")
     for label, method in methods.items():
         if not hasattr(method, "predict") or not hasattr(method, "forward_passes"):
             raise ValueError(f"method {label!r} must have predict(x) and forward_passes (see ltta.tta)")
@@ -165,7 +167,7 @@ def evaluate_methods(
                 method.reset()  # test-time adaptation starts from the source model on every set
             synchronize(x.device)
             start = time.perf_counter()
-            probs = _predict(method, x, y, with_labels, batch_size)
+            probs = _predict(method, x, y, with_labels, chunks[label])
             synchronize(x.device)
             elapsed = max(time.perf_counter() - start, 1e-9)
             if not isinstance(probs, torch.Tensor) or probs.shape[0] != x.shape[0] or probs.ndim != 2:

@@ -37,6 +37,7 @@ from ltta.stages.inputs import labelled_images, load_target, model_location, pre
 from ltta.stages.fit_aggregation import aggregator_path
 from ltta.transforms.policy import load_policy
 from ltta.tta import build_candidates, build_method
+from ltta.evaluation.protocols import method_batch_sizes
 from ltta.tta.aggregation import AGGREGATORS
 from ltta.tta.gps import load_gps_policy
 
@@ -213,12 +214,14 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
                   "batch_size": e.batch_size, "device": device, "selection": e.selection, "threshold": e.threshold,
                   "bn_prior": e.bn_prior}
         per_method = {**_method_settings(params, pextra, head), **(fitted or {})}
+        batches = method_batch_sizes(e.protocol, e.methods, e.batch_size, e.batch_sizes)  # the test stream's, per method
         methods = {
-            name: build_method(name, target, generator=make_generator(params.seed, device), **{**common, **per_method.get(name, {})})
+            name: build_method(name, target, generator=make_generator(params.seed, device),
+                               **{**common, "batch_size": batches[name], **per_method.get(name, {})})
             for name in e.methods
         }
         sets = eval_sets(paths, params, meta_data, device)
-        results = evaluate_methods(methods, sets, batch_size=e.batch_size)
+        results = evaluate_methods(methods, sets, batch_size=e.batch_size, method_batch_sizes=batches)
         unseen = unseen_corruptions(params, results.corruptions())
         meta = {
             "dataset": meta_data["source"],
@@ -238,8 +241,9 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
                        f"(temperature {per_method['gps']['policy'].temperature(e.k):.3g} applied)"} if "gps" in methods else {}),
             **({"agg_aug / agg_class": "weights over all candidate views' logits, fitted on valid_loss"}
                if {"agg_aug", "agg_class"} & set(methods) else {}),
-            **({"test-time adaptation": ", ".join(n for n, m in methods.items() if m.adapts_on_test_stream)
-                + f": adapt on the test stream (batches of {e.batch_size}, reset before each set); not TTA"}
+            **({"test-time adaptation": ", ".join(f"{n} (batches of {batches[n]})" for n, m in methods.items()
+                                                  if m.adapts_on_test_stream)
+                + f": adapt on the test stream, reset before each set, protocol {e.protocol}; not TTA"}
                if any(m.adapts_on_test_stream for m in methods.values()) else {}),
             "device": str(device),
             "date": _dt.date.today().isoformat(),

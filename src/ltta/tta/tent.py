@@ -14,7 +14,8 @@ setting runs it:
   (:meth:`TentTTA.reset`, which the evaluation runner calls at every set), as the reference's
   per-corruption ``model.reset()``.
 
-The batch is the evaluation's ``batch_size`` (the reference uses 128 on CIFAR-10-C). Predictions
+The batch is the method's test-stream batch (``evaluate.batch_sizes``, or the protocol's: the
+reference's ``TEST.BATCH_SIZE`` is 200, ``evaluate.protocol: tent``). Predictions
 depend on the order of the stream and on the other images of each batch: the method adapts on
 the test stream, which the report says. Cost per image: the forward and the backward to the
 batch-norm parameters, measured in FLOPs (``FlopCounterMode``) over the forward's.
