@@ -48,7 +48,9 @@ class TTA(nn.Module):
 
     def __init__(self, model: nn.Module, method: str = "flip", **settings: Any) -> None:
         super().__init__()
-        if method in FITTED and not settings.get("predictor") and not settings.get("policy") and method != "prior":
+        needs = FITTED.get(method)
+        given = settings.get("policy" if needs == "policy" else "prior" if method == "prior" else "predictor")
+        if needs is not None and given is None:
             raise ValueError(
                 f"method {method!r} needs its fitted {FITTED[method]}: load it with TTA.from_files(...) from the "
                 f"pipeline's outputs or TTA.from_mlflow('models:/ltta-tta@champion')"
