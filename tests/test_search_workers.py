@@ -217,3 +217,32 @@ def test_racing_workers_never_overshoot_the_trial_budget(tmp_path) -> None:
 
 if __name__ == "__main__":
     _worker_main(*sys.argv[1:])
+
+
+def test_a_schema_race_is_retried_and_other_database_errors_are_not(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Workers that open an empty storage together race to create Optuna's tables; on PostgreSQL the
+    loser gets DuplicateTable, a ProgrammingError (seen in CI: the two-worker test above, its worker
+    died at start). That one is retried; a ProgrammingError of another kind is reported at once."""
+    from sqlalchemy.exc import ProgrammingError
+
+    from ltta.search import storage as storage_module
+
+    real = storage_module.RDBStorage
+    calls: list[int] = []
+
+    def racing(*args, **kwargs):  # noqa: ANN002, ANN003 - RDBStorage's own signature
+        calls.append(1)
+        if len(calls) == 1:
+            raise ProgrammingError("CREATE TABLE studies", {}, Exception('relation "studies" already exists'))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage_module, "RDBStorage", racing)
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    assert make_storage(url, **BEAT) is not None and len(calls) == 2
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise ProgrammingError("SELECT", {}, Exception("permission denied for table studies"))
+
+    monkeypatch.setattr(storage_module, "RDBStorage", broken)
+    with pytest.raises(ValueError, match="permission denied for table studies"):
+        make_storage(url, **BEAT)

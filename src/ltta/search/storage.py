@@ -28,7 +28,9 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError,
+)
 
 DEFAULT_HEARTBEAT_S = 10  # a running trial beats every 10 s ...
 DEFAULT_GRACE_S = 60  # ... and counts as dead (its worker killed) after 60 s without a beat
@@ -96,10 +98,14 @@ def make_storage(
         try:
             storage = create()
             break
-        except (OperationalError, IntegrityError) as exc:
-            if attempt == attempts:
+        except (OperationalError, IntegrityError, ProgrammingError) as exc:
+            # Two workers creating the tables at once: SQLite says "table already exists" (an
+            # OperationalError), PostgreSQL raises DuplicateTable (a ProgrammingError) or a unique
+            # violation on its catalogue (an IntegrityError). Any other ProgrammingError is a real one.
+            racing = not isinstance(exc, ProgrammingError) or "already exists" in str(getattr(exc, "orig", exc))
+            if attempt == attempts or not racing:
                 raise _unusable(url, exc) from exc
-            time.sleep(0.2 * attempt)  # two workers creating the tables at once: "table already exists"
+            time.sleep(0.2 * attempt)
         except (DatabaseError, ArgumentError, NoSuchModuleError, ImportError) as exc:  # a foreign file, a bad URL
             raise _unusable(url, exc) from exc
     if db is not None and wal:
