@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ltta.runtime import to_float_nchw, to_uint8_nhwc
 from ltta.tta import TTA_METHODS, TTAMethod, build_method
 
 #: The methods that need something fitted by the pipeline, and the file each reads.
@@ -141,7 +142,7 @@ def _as_tensor_images(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC (the CIFAR layout) or float NCHW in [0,1] -> float NCHW in [0,1]."""
     t = torch.as_tensor(x)
     if t.dtype == torch.uint8 and t.dim() == 4 and t.shape[-1] == 3:
-        return t.permute(0, 3, 1, 2).float().div(255.0).contiguous()
+        return to_float_nchw(t)
     if t.is_floating_point() and t.dim() == 4 and t.shape[1] == 3:
         return t
     raise ValueError(f"images must be uint8 [N,H,W,3] or float [N,3,H,W] in [0,1], got {t.dtype} {tuple(t.shape)}")
@@ -184,7 +185,7 @@ def benchmark(
         built = {m: TTA(model, m, batch_size=batch_size, **settings).method for m in methods}
     x_clean = _as_tensor_images(x)
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.int64)
-    x_u8 = x_clean.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    x_u8 = to_uint8_nhwc(x_clean)
     sets = [EvalSet(CLEAN, 0, x_clean, y_t)]
     for name in corruptions:
         for s in severities:

@@ -151,6 +151,7 @@ def place_labels(ax: Any, labels: Sequence[Label], marker_points: float = 9.0) -
     annotations = []
     for i, lab in enumerate(labels):
         best: tuple[float, Any, Any] | None = None
+        clear = False
         for radius in LABEL_RADII:
             for angle in LABEL_ANGLES:
                 dx, dy = radius * math.cos(angle), radius * math.sin(angle)
@@ -182,7 +183,7 @@ def place_labels(ax: Any, labels: Sequence[Label], marker_points: float = 9.0) -
                     best = (cost, ann, box)
                 else:
                     ann.remove()
-            if best is not None and best[0] == 0.0:
+            if clear:  # not best[0] == 0: a box within the padding of another costs 0 without being clear
                 break
         assert best is not None
         placed.append(best[2])
