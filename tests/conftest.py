@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.server
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +21,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 from sklearn.datasets import load_digits
+
+from tests.served import RangeHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -229,3 +234,20 @@ def make_project(dest: Path, params: dict) -> Path:
     subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=dest, check=True)
     subprocess.run([str(dvc), "config", "core.analytics", "false"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTP server on 127.0.0.1 over ``tmp_path/www`` (with Range support): (its base URL, that folder)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    RangeHandler.requests = []
+    RangeHandler.honour_range = True
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ltta.cli import main
-from ltta.compare import find_runs, grouped, render_grouped, render_long
+from ltta.compare import EvalRun, find_runs, grouped, protocol_differences, render_grouped, render_long
 
 #: (study, dvc exp name, learned's and none's corruption error) of the runs the store holds.
 RUNS = [("standard", "s0", 50.0, 60.0), ("standard", "s1", 52.0, 61.0), ("augmix", "a0", 40.0, 45.0)]
@@ -109,3 +109,39 @@ def test_cli_writes_the_table_and_fails_in_one_line(store: tuple[str, list[str]]
     assert main(["compare", "--dvc-exp", "missing"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: compare: no evaluate run is tagged") and len(err.strip().splitlines()) == 1
+
+
+def _run(label: str, **protocol: str) -> EvalRun:
+    return EvalRun(label, label, {f"ltta.protocol.{k.replace('__', '.')}": v for k, v in protocol.items()}, {})
+
+
+def test_protocol_differences_name_each_field_and_ignore_what_names_the_model() -> None:
+    same = {"corrupted__source": "official", "corrupted__md5": "abc", "methods__tent__batch_size": "200"}
+    a = _run("a", **same, target__md5="1", target__source="models/target.pt")
+    b = _run("b", **same, target__md5="2", target__source="torchvision:resnet50")
+    assert protocol_differences([a, b]) == []  # another target is what a comparison compares
+    c = _run("c", **{**same, "corrupted__source": "generated", "methods__tent__batch_size": "512"})
+    assert protocol_differences([a, c]) == ["corrupted.source: a=official; c=generated",
+                                            "methods.tent.batch_size: a=200; c=512"]
+    d = _run("d", corrupted__source="official", corrupted__md5="abc")  # evaluated no tent: nothing to disagree on
+    assert protocol_differences([a, d]) == []
+    old = EvalRun("old", "old", {}, {})  # a run from before the record: every field is unknown for it
+    assert "corrupted.md5: a=abc; old=(not recorded)" in protocol_differences([a, old])
+
+
+def test_cli_warns_on_stderr_when_protocols_differ(tmp_path: Path, monkeypatch, capsys) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("ltta", artifact_location=str(tmp_path / "artifacts"))
+    for source in ("official", "generated"):
+        run = client.create_run(exp, run_name="evaluate", tags={"ltta.stage": "evaluate", "ltta.study": source,
+                                                                "ltta.protocol.corrupted.source": source})
+        client.log_metric(run.info.run_id, "none.mean_corruption_error", 10.0)
+        client.set_terminated(run.info.run_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["compare"]) == 0
+    captured = capsys.readouterr()
+    assert "| none |" in captured.out and "warning: these runs were evaluated under different protocols" in captured.err
+    assert "corrupted.source:" in captured.err and "=official" in captured.err and "=generated" in captured.err

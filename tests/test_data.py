@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import json
 import pickle
 import tarfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,8 @@ from ltta.data import (
     subsample_stratified,
     validate_splits,
 )
+
+from tests.served import RangeHandler
 
 
 def test_digits_is_offline_real_and_deterministic(tmp_path: Path) -> None:
@@ -61,55 +59,6 @@ def _cifar_archive(kind: str, rng: np.random.Generator) -> tuple[bytes, dict[str
     return buf.getvalue(), {k: np.concatenate(v) for k, v in packed.items()}
 
 
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files with HTTP Range support, like the CIFAR host, and records each request's Range."""
-
-    requests: list[str] = []
-    honour_range = True
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        rng = self.headers.get("Range")
-        type(self).requests.append(rng or "full")
-        if rng and type(self).honour_range:
-            start = int(rng.split("=")[1].split("-")[0])
-            if start >= len(data):
-                self.send_error(416)
-                return
-            body = data[start:]
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            body = data
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-@pytest.fixture()
-def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    root = tmp_path / "www"
-    root.mkdir()
-    _RangeHandler.requests = []
-    _RangeHandler.honour_range = True
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.mark.parametrize(("kind", "url_form"), [("cifar10", "full"), ("cifar100", "base")])
 def test_cifar_download_resume_and_parse(kind: str, url_form: str, served: tuple[str, Path], tmp_path: Path) -> None:
     base, www = served
@@ -122,7 +71,7 @@ def test_cifar_download_resume_and_parse(kind: str, url_form: str, served: tuple
     root.mkdir()
     (root / (name + ".part")).write_bytes(data[:100])  # an interrupted earlier download
     ds = load_source(kind, root=root, url=url, md5=md5)
-    assert _RangeHandler.requests == ["bytes=100-"], "the download did not resume"
+    assert RangeHandler.requests == ["bytes=100-"], "the download did not resume"
     assert (root / name).read_bytes() == data and not (root / (name + ".part")).exists()
     np.testing.assert_array_equal(ds.x_train, packed["train_x"])
     np.testing.assert_array_equal(ds.y_train, packed["train_y"])
@@ -133,24 +82,24 @@ def test_cifar_download_resume_and_parse(kind: str, url_form: str, served: tuple
     assert ds.classes == [f"c{i}" for i in range(n_classes)]
     # A second load uses the verified archive and the extracted batches: no new request.
     again = load_source(kind, root=root, url=url, md5=md5, image_size=16)
-    assert len(_RangeHandler.requests) == 1 and again.x_train.shape == (len(packed["train_y"]), 16, 16, 3)
+    assert len(RangeHandler.requests) == 1 and again.x_train.shape == (len(packed["train_y"]), 16, 16, 3)
 
 
 def test_download_restarts_when_range_is_ignored(served: tuple[str, Path], tmp_path: Path) -> None:
     base, www = served
     payload = bytes(range(256)) * 40
     (www / "f.bin").write_bytes(payload)
-    _RangeHandler.honour_range = False
+    RangeHandler.honour_range = False
     (tmp_path / "f.bin.part").write_bytes(b"stale bytes from another file")
     out = download_file(f"{base}/f.bin", tmp_path / "f.bin", hashlib.md5(payload).hexdigest(), progress=False, chunk_size=1000)
-    assert out.read_bytes() == payload and _RangeHandler.requests == ["bytes=29-"]
+    assert out.read_bytes() == payload and RangeHandler.requests == ["bytes=29-"]
 
 
 def test_existing_file_is_checked_not_refetched(served: tuple[str, Path], tmp_path: Path) -> None:
     base, www = served
     (tmp_path / "f.bin").write_bytes(b"placed by hand")
     download_file(f"{base}/f.bin", tmp_path / "f.bin", hashlib.md5(b"placed by hand").hexdigest(), progress=False)
-    assert _RangeHandler.requests == []
+    assert RangeHandler.requests == []
     with pytest.raises(ValueError, match="exists but its md5 is .* delete it"):
         download_file(f"{base}/f.bin", tmp_path / "f.bin", "0" * 32, progress=False)
     assert (tmp_path / "f.bin").read_bytes() == b"placed by hand", "a hand-placed file must never be deleted"

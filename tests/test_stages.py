@@ -11,6 +11,7 @@ import pytest
 
 from ltta.config import parse_params
 from ltta.evaluation.runner import DVC_METRIC_KEYS
+from ltta import tracking
 from ltta.stages import build_loss_dataset, evaluate, prepare_data, train_target
 from ltta.stages.base import Paths
 from tests.conftest import tiny_params
@@ -74,6 +75,29 @@ def test_every_stage_writes_its_outputs(pipeline_run: tuple[Paths, dict]) -> Non
     assert json.loads((paths.metrics / "search.json").read_text()).keys() == {"score"}
     assert sorted(p.name for p in paths.metrics.iterdir()) == ["feature_head.json", "predictor.json", "search.json", "target.json", "tta"]
     assert not list(paths.root.rglob("*.tmp")) and not list(paths.root.rglob(".*.partial"))
+
+
+def test_every_result_carries_its_protocol_record(pipeline_run: tuple[Paths, dict]) -> None:
+    import mlflow
+
+    paths, raw = pipeline_run
+    record = json.loads((paths.reports / "eval.json").read_text())["protocol"]
+    assert record["name"] == "ltta" and record["data"]["source"] == "digits"
+    assert record["data"]["test_md5"] == tracking.file_md5(paths.prepared / "test.npz")
+    assert record["corrupted"] == {"source": "generated", "seed": raw["seed"]}
+    assert record["target"]["md5"] == tracking.file_md5(paths.target) and record["target"]["source"].endswith("target.pt")
+    assert record["target"]["input"].startswith("RGB float [0,1]") and len(record["target"]["normalisation"]["mean"]) == 3
+    assert record["images_per_cell"] == {"clean": 100, "corrupted": 100}
+    assert record["severities"] == raw["evaluate"]["severities"] and record["corruptions"] == raw["corruptions"]["names"]
+    assert record["methods"]["tent"] == {"batch_size": raw["evaluate"]["batch_size"],
+                                         "reset": "model and optimiser before each set"}
+    assert record["methods"]["flip"]["reset"] == "stateless"
+    client = mlflow.MlflowClient()
+    run = client.search_runs([mlflow.get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id],
+                             "tags.`ltta.stage` = 'evaluate'")[0]
+    assert run.data.tags["ltta.protocol.corrupted.source"] == "generated"
+    assert run.data.tags["ltta.protocol.methods.tent.batch_size"] == str(raw["evaluate"]["batch_size"])
+    assert json.loads(run.data.tags["ltta.protocol.severities"]) == raw["evaluate"]["severities"]
 
 
 def test_outputs_follow_inputs(pipeline_run: tuple[Paths, dict], tmp_path: Path) -> None:

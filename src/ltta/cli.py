@@ -130,7 +130,7 @@ def _compare(args: argparse.Namespace) -> int:
     import mlflow
 
     from ltta import tracking
-    from ltta.compare import find_runs, render_grouped, render_long
+    from ltta.compare import find_runs, protocol_differences, render_grouped, render_long
     from ltta.io import write_text
 
     uri = tracking.tracking_uri()
@@ -138,6 +138,12 @@ def _compare(args: argparse.Namespace) -> int:
     runs = find_runs(mlflow.MlflowClient(tracking_uri=uri), experiments=args.experiment, run_ids=args.run_id,
                      filter_string=args.filter, dvc_exps=args.dvc_exp)
     text = render_long(runs, args.format) if args.by is None else render_grouped(runs, args.by, args.metric, args.format)
+    differences = protocol_differences(runs)
+    if differences:  # on stderr: the table stays machine-readable, the warning still reaches the reader
+        print(f"warning: these runs were evaluated under different protocols ({len(differences)} fields differ); "
+              "their numbers are not directly comparable:", file=sys.stderr)
+        for line in differences:
+            print(f"  {line}", file=sys.stderr)
     if args.out is None:
         sys.stdout.write(text)
     else:

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ltta.tracking import PROTOCOL_TAG
+
 #: The paper's columns: summary key -> header.
 COLUMNS: dict[str, str] = {
     "clean_error": "clean err %",
@@ -209,6 +211,25 @@ def render_grouped(runs: Sequence[EvalRun], by: str, metric: str, fmt: str) -> s
     header = [f"method \\ {by}"] + [f"{g} (n={counts[g]})" for g in groups]
     body = [[m] + [row[g].text(digits) if g in row else "n/a" for g in groups] for m, row in table.items()]
     return f"{metric} (mean ± sd over runs)\n\n" + _markdown(header, body)
+
+
+#: Protocol fields that name the model being compared, not the conditions: they differ by design
+#: between studies (each trains its own target).
+IDENTITY_FIELDS = (PROTOCOL_TAG + "target.source", PROTOCOL_TAG + "target.md5")
+
+
+def protocol_differences(runs: Sequence[EvalRun]) -> list[str]:
+    """Where the runs' protocol records disagree (one line per field, each run's value): numbers made on
+    other corrupted files, another target or other test-time batches are not one table's numbers."""
+    keys = sorted({k for r in runs for k in r.tags if k.startswith(PROTOCOL_TAG)} - set(IDENTITY_FIELDS))
+    lines = []
+    for key in keys:
+        # A method one run did not evaluate has no stream to disagree about; any other missing field does.
+        per_method = key.startswith(PROTOCOL_TAG + "methods.")
+        values = {r.label: r.tags.get(key, "(not recorded)") for r in runs if key in r.tags or not per_method}
+        if len(set(values.values())) > 1:
+            lines.append(f"{key.removeprefix(PROTOCOL_TAG)}: " + "; ".join(f"{label}={v}" for label, v in values.items()))
+    return lines
 
 
 def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -133,7 +133,17 @@ class DataParams(_Section):
         return self
 
 
+#: The data sources with an official corrupted release (``ltta.data.corrupted_release.RELEASES``,
+#: named here so that reading params needs no torch; a test keeps the two equal).
+OFFICIAL_CORRUPTED = ("cifar10", "cifar100")
+
+
 class CorruptionParams(_Section):
+    # generated: our generator corrupts the test split (any data source); official: the released
+    # CIFAR-10-C / CIFAR-100-C files (Zenodo), the ones every published CIFAR-C number was measured on.
+    source: Literal["generated", "official"] = "generated"
+    url: str | None = None  # official: a mirror of the release archive (its URL or its folder)
+    md5: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{32}$")] | None = None  # official: a mirror's own archive md5
     names: list[str] = Field(min_length=1)
     max_images: PositiveInt | None = None  # corrupt only this many test images (stratified)
 
@@ -395,6 +405,23 @@ class Params(_Section):
     evaluate: EvaluateParams
     tracking: TrackingParams = TrackingParams()
     promote: PromoteParams = PromoteParams()
+
+    @model_validator(mode="after")
+    def _release_fits_data(self) -> Params:
+        """The official release corrupts one dataset's 32 px test set: refuse any other pairing up front."""
+        if self.corruptions.source != "official":
+            return self
+        if self.data.source not in OFFICIAL_CORRUPTED:
+            raise ValueError(
+                f"corruptions.source=official needs data.source in {list(OFFICIAL_CORRUPTED)} (the datasets with a "
+                f"released corrupted set), got {self.data.source!r}; set corruptions.source=generated"
+            )
+        if self.data.image_size != 32:
+            raise ValueError(
+                f"corruptions.source=official holds 32 px images, but data.image_size is {self.data.image_size}; "
+                f"set data.image_size=32 or corruptions.source=generated"
+            )
+        return self
 
     @model_validator(mode="after")
     def _held_out_stays_out(self) -> Params:

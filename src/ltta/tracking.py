@@ -24,6 +24,10 @@ from typing import Any
 PARENT_RUN_ENV = "LTTA_PARENT_RUN_ID"
 
 
+#: Prefix of the MLflow tags that carry an evaluation's protocol record (written by the evaluate
+#: stage, compared by ``ltta compare``).
+PROTOCOL_TAG = "ltta.protocol."
+
 def project_root(start: Path | None = None) -> Path:
     """The project directory: the real one even inside a DVC temporary experiment copy."""
     here = (start or Path.cwd()).resolve()
@@ -220,6 +224,13 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if clean:
         mlflow.log_metrics(clean, step=step)
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    """Tag the active run: provenance that filters runs in the UI (which corrupted set, which target)."""
+    import mlflow
+
+    mlflow.set_tags(dict(tags))
 
 
 def log_child_run(name: str, series: Mapping[str, Sequence[tuple[int, float]]], *, tags: Mapping[str, str] | None = None,

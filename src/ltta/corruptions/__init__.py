@@ -6,7 +6,8 @@ Public API:
 - ``BENCHMARK`` (15, release order), ``EXTRA`` (4 held out), ``ALL_CORRUPTIONS``, ``FAMILIES``
 - ``corrupt`` (float), ``corrupt_images`` (uint8 NHWC in and out, truncated like the reference)
 - ``random_corruptions``: a random corruption (or none) per image, for training inputs
-- ``write_corruption_set``, ``read_corruption``, ``available_corruptions`` (official layout)
+- ``write_corruption_set``, ``read_corruption``, ``available_corruptions`` (official layout),
+  ``copy_corruption_set`` (our test split's rows of the official release)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ltta.corruptions.names import ALL_CORRUPTIONS, BENCHMARK, EXTRA, FAMILIES
 _LAZY: dict[str, str] = {
     "corrupt": "apply", "corrupt_images": "apply", "derive_seed": "apply", "random_corruptions": "apply",
     "truncate_to_uint8": "apply", "CORRUPTIONS": "base", "CorruptionFn": "base",
-    "available_corruptions": "cifar_c", "read_corruption": "cifar_c", "write_corruption_set": "cifar_c",
+    "available_corruptions": "cifar_c", "check_release_matches": "cifar_c", "copy_corruption_set": "cifar_c", "read_corruption": "cifar_c", "write_corruption_set": "cifar_c",
     "SEVERITIES": "severity", "TABLES": "severity",
 }
 #: Importing the op modules registers them, in no particular order; BENCHMARK/EXTRA give the order.
@@ -49,6 +50,8 @@ __all__ = [
     "SEVERITIES",
     "TABLES",
     "available_corruptions",
+    "check_release_matches",
+    "copy_corruption_set",
     "corrupt",
     "corrupt_images",
     "derive_seed",

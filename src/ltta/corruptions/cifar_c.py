@@ -125,3 +125,65 @@ def read_corruption(directory: Path, name: str, severity: int | None = None) -> 
         n = images.shape[0] // N_SEVERITIES
         rows = slice((s - 1) * n, s * n)
     return np.array(images[rows]), np.array(labels[rows], dtype=np.int64)
+
+
+_REDO_RELEASE = "delete the release folder and rerun to unpack it again"
+_NOT_THIS_TEST_SET = ("{path} does not hold this test set's labels in its order: the release corrupts another dataset's "
+                      "test images (check data.source against the release), or " + _REDO_RELEASE)
+
+
+def release_labels(release_dir: Path) -> np.ndarray:
+    """The N test labels of a released set, checked to repeat identically in each severity's rows."""
+    path = Path(release_dir) / LABELS_FILE
+    released = np.asarray(open_npy(path, redo=_REDO_RELEASE))
+    if released.ndim != 1 or released.shape[0] == 0 or released.shape[0] % N_SEVERITIES:
+        raise ValueError(f"{path} has shape {released.shape}, not [5N]; {_REDO_RELEASE}")
+    first = released[: released.shape[0] // N_SEVERITIES]
+    if not (released.reshape(N_SEVERITIES, -1) == first).all():
+        raise ValueError(f"{path} does not repeat the same N labels in each of the 5 severities; {_REDO_RELEASE}")
+    return first
+
+
+def check_release_matches(release_dir: Path, test_labels: np.ndarray) -> None:
+    """The release corrupts this very test set in this order (its labels equal the official test labels):
+    checked before anything is written, since another dataset's release would score garbage."""
+    if not np.array_equal(release_labels(release_dir), np.asarray(test_labels)):
+        raise ValueError(_NOT_THIS_TEST_SET.format(path=Path(release_dir) / LABELS_FILE))
+
+
+def copy_corruption_set(
+    out_dir: Path, release_dir: Path, names: Sequence[str], rows: np.ndarray, labels: np.ndarray
+) -> list[Path]:
+    """Write ``<name>.npy`` and ``labels.npy`` into ``out_dir`` for the test images ``rows`` of a
+    released set (the official CIFAR-10-C / CIFAR-100-C folder), every severity, in the layout above.
+
+    ``rows`` index the release's N test images (a stratified cap keeps the same images in every
+    severity and corruption); ``labels`` are those images' labels in our test split. The release's
+    labels must equal them: that is the check that the release corrupts this very test set, in
+    this order (another dataset's release, or a test set re-ordered, would score garbage).
+    """
+    out_dir, release_dir = Path(out_dir), Path(release_dir)
+    rows = np.asarray(rows, dtype=np.int64)
+    written: list[Path] = []
+    for name in names:
+        CORRUPTIONS.get(name)
+    first = release_labels(release_dir)
+    n = len(first)
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError(
+            f"the test split has image indices up to {int(rows.max())} but the release in {release_dir} corrupts "
+            f"{n} test images; the release belongs to another test set (use corruptions.source=generated)"
+        )
+    if not np.array_equal(first[rows], labels):
+        raise ValueError(_NOT_THIS_TEST_SET.format(path=release_dir / LABELS_FILE))
+    for name in names:
+        images, _ = read_corruption(release_dir, name)
+        if images.shape[0] != N_SEVERITIES * n:
+            raise ValueError(f"{release_dir / (name + '.npy')} has {images.shape[0]} rows, not {N_SEVERITIES * n}; {_REDO_RELEASE}")
+        path = out_dir / f"{name}.npy"
+        save_npy(path, np.concatenate([images[(s - 1) * n + rows] for s in SEVERITIES]))
+        written.append(path)
+    path = out_dir / LABELS_FILE
+    save_npy(path, np.tile(first[rows], N_SEVERITIES))
+    written.append(path)
+    return written

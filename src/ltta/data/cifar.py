@@ -14,12 +14,12 @@ import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ltta.data.download import download_file
+from ltta.data.download import check_members, download_file
 from ltta.data.sources import SOURCES, RawDataset, SourceArgs, resize
 
 
@@ -116,27 +116,6 @@ def _cifar_url(spec: CifarSpec, url: str | None) -> str:
     return url.rstrip("/") + "/" + spec.archive
 
 
-def _check_members(tar: tarfile.TarFile, archive: Path, folder: str) -> None:
-    """Refuse an archive holding anything but files and folders under ``folder/``.
-
-    The official archives hold nothing else; a member with an absolute path, a ``..``, a link or a
-    device is a crafted (or foreign) archive, refused whole before anything is written (the
-    extraction's ``filter="data"`` would still keep such members inside the target folder).
-    """
-    bad = []
-    for m in tar.getmembers():
-        parts = PurePosixPath(m.name).parts
-        if (m.name.startswith(("/", "\\")) or ".." in parts or not parts or parts[0] != folder
-                or not (m.isfile() or m.isdir())):
-            bad.append(m.name + (f" -> {m.linkname}" if m.issym() or m.islnk() else ""))
-    if bad:
-        raise ValueError(
-            f"{archive} holds {len(bad)} member(s) outside {folder}/ or that are links or devices "
-            f"({', '.join(map(repr, bad[:3]))}): refusing to extract it (nothing was written); delete it and point "
-            f"data.url at the official archive"
-        )
-
-
 def _extract(archive: Path, root: Path, spec: CifarSpec) -> Path:
     """Extract ``archive`` into ``root/<folder>`` atomically, checking that every expected file came out."""
     folder = root / spec.folder
@@ -147,7 +126,7 @@ def _extract(archive: Path, root: Path, spec: CifarSpec) -> Path:
     try:
         try:
             with tarfile.open(archive, "r:gz") as tar:
-                _check_members(tar, archive, spec.folder)
+                check_members(tar.getmembers(), archive, spec.folder, fix="point data.url at the official archive")
                 tar.extractall(tmp, filter="data")  # 'data' refuses absolute paths, links out, devices
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise ValueError(f"{archive} could not be extracted ({exc}); delete it and rerun to download again") from None

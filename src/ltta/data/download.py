@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tarfile
 import urllib.error
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
@@ -98,3 +99,24 @@ def download_file(
         )
     part.replace(dest)
     return dest
+
+
+def check_members(members: list[tarfile.TarInfo], archive: Path, folder: str, *, fix: str) -> None:
+    """Refuse an archive holding anything but plain files and folders under ``folder/``.
+
+    The official archives hold nothing else; a member with an absolute path, a ``..``, a link or a
+    device is a crafted (or foreign) archive, refused whole before anything is written (an
+    extraction's ``filter="data"`` would still keep such members inside the target folder).
+    ``fix`` ends the message: which setting points at the official archive.
+    """
+    bad = []
+    for m in members:
+        parts = PurePosixPath(m.name).parts
+        if (m.name.startswith(("/", "\\")) or ".." in parts or not parts or parts[0] != folder
+                or not (m.isfile() or m.isdir())):
+            bad.append(m.name + (f" -> {m.linkname}" if m.issym() or m.islnk() else ""))
+    if bad:
+        raise ValueError(
+            f"{archive} holds {len(bad)} member(s) outside {folder}/ or that are links or devices "
+            f"({', '.join(map(repr, bad[:3]))}): refusing to extract it (nothing was written); delete it and {fix}"
+        )

@@ -10,14 +10,22 @@ per method; ``evaluate.batch_sizes`` overrides single methods, and every other m
   Adam lr 1e-3, betas (0.9, 0.999), one step, no weight decay: :mod:`ltta.tta.tent`'s constants),
   the model reset before each corruption and severity (the runner resets at every set): the
   setting of the tent README's CIFAR-10-C table.
+
+Every evaluation writes its protocol record (``eval.json``'s ``protocol``, the run's
+``ltta.protocol.*`` tags): the data and corrupted-set sources with their md5, the target's source,
+weights hash and input convention, images per cell, severities, each method's batch and reset, the
+stream order. Two numbers are comparable only where those agree; ``ltta compare`` says where not.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ltta.registry import Registry
+from ltta.tracking import PROTOCOL_TAG
 
 
 @dataclass(frozen=True)
@@ -40,3 +48,39 @@ def method_batch_sizes(
     """The test-stream batch of every method: ``overrides``, else the protocol's, else ``default``."""
     chosen = {**PROTOCOLS.get(protocol).batch_sizes, **(overrides or {})}
     return {m: int(chosen.get(m, default)) for m in methods}
+
+
+def input_convention(model: Any, image_size: int) -> dict[str, Any]:
+    """What a target takes and does to it before its first layer: the part of the protocol that
+    decides whether two numbers were made on the same inputs (a published model's own mean/std)."""
+    from ltta.models.layers import Normalize
+
+    norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    out: dict[str, Any] = {"input": f"RGB float [0,1], NCHW, {image_size}x{image_size} px"}
+    if norm is None:
+        out["normalisation"] = "none inside the model"
+    else:
+        out["normalisation"] = {"mean": [round(v, 4) for v in norm.mean.flatten().tolist()],
+                                "std": [round(v, 4) for v in norm.std.flatten().tolist()]}
+    return out
+
+
+def method_streams(batch_sizes: Mapping[str, int], adapting: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per method, the test-stream batch and what is reset between sets (adapting methods only carry state)."""
+    return {m: {"batch_size": int(b), "reset": "model and optimiser before each set" if m in adapting else "stateless"}
+            for m, b in batch_sizes.items()}
+
+
+def protocol_tags(record: Mapping[str, Any]) -> dict[str, str]:
+    """The record as flat MLflow tags ``ltta.protocol.<a>.<b>`` (lists as JSON), for filtering and comparing runs."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[PROTOCOL_TAG + prefix.rstrip(".")] = value if isinstance(value, str) else json.dumps(value)
+
+    walk("", record)
+    return out

@@ -37,7 +37,7 @@ from ltta.stages.inputs import labelled_images, load_target, model_location, pre
 from ltta.stages.fit_aggregation import aggregator_path
 from ltta.transforms.policy import load_policy
 from ltta.tta import build_candidates, build_method
-from ltta.evaluation.protocols import method_batch_sizes
+from ltta.evaluation.protocols import input_convention, method_batch_sizes, method_streams, protocol_tags
 from ltta.tta.aggregation import AGGREGATORS
 from ltta.tta.gps import load_gps_policy
 
@@ -201,6 +201,27 @@ def _method_settings(params: Params, pextra: dict[str, Any], head: tuple[torch.n
     return out
 
 
+def _protocol_record(params: Params, paths: Paths, meta_data: dict[str, Any], target: torch.nn.Module, target_file: Path,
+                     target_source: str, sets: list[EvalSet], batches: dict[str, int], adapting: list[str]) -> dict[str, Any]:
+    """Everything a published number's protocol fixes, as evaluated here (see :mod:`ltta.evaluation.protocols`)."""
+    e = params.evaluate
+    corrupted = [s for s in sets if s.corruption != CLEAN]
+    return {
+        "name": e.protocol,
+        "data": {"source": meta_data["source"], "test_md5": tracking.file_md5(paths.prepared / "test.npz"),
+                 "test_images": int(meta_data["n_test"])},
+        "corrupted": dict(meta_data.get("corrupted", {"source": "generated"})),
+        "target": {"source": target_source, "md5": tracking.file_md5(target_file),
+                   **input_convention(target, int(meta_data["image_size"]))},
+        "images_per_cell": {"clean": int(len(sets[0].y)), "corrupted": int(len(corrupted[0].y)) if corrupted else 0},
+        "corruptions": list(dict.fromkeys(s.corruption for s in corrupted)),
+        "severities": list(e.severities),
+        "methods": method_streams(batches, adapting),
+        "stream_order": "the test split's order" + (f", a stratified {e.max_images} (seed {params.seed})"
+                                                    if e.max_images is not None else ""),
+    }
+
+
 def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: torch.device, target: torch.nn.Module,
               predictor: torch.nn.Module | None, pextra: dict[str, Any], files: dict[str, Path],
               sources: tuple[str, str], head: tuple[torch.nn.Module, dict[str, Any]] | None = None,
@@ -250,7 +271,11 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
             "git commit": tracking.git_commit()[:12],
         }
         summary = results.summary(baseline_method=e.baseline, unseen=unseen)
-        write_json(paths.reports / "eval.json", results.to_json(baseline_method=e.baseline, unseen=unseen))
+        record = _protocol_record(params, paths, meta_data, target, files["target"], sources[0], sets, batches,
+                                  [n for n, m in methods.items() if m.adapts_on_test_stream])
+        write_json(paths.reports / "eval.json",
+                   {"protocol": record, **results.to_json(baseline_method=e.baseline, unseen=unseen)})
+        tracking.set_tags(protocol_tags(record))
         with atomic_dir(paths.metrics / "tta") as tta_dir:
             for method, row in method_metrics(summary).items():
                 write_json(tta_dir / f"{method}.json", row)

@@ -2,7 +2,8 @@
 
 Outputs (dvc.yaml): ``data/prepared/{train,test}.npz`` (uint8 NHWC images, int64 labels),
 ``data/prepared/splits.npz`` (train_loss / valid_loss indices into train), ``data/prepared/meta.json``,
-``data/corrupted/test/<corruption>.npy`` + ``labels.npy`` in the CIFAR-10-C layout, and
+``data/corrupted/test/<corruption>.npy`` + ``labels.npy`` in the CIFAR-10-C layout (generated, or
+the official release's rows of the test split: ``corruptions.source``), and
 ``reports/data_validation.json`` (the Great Expectations report).
 """
 
@@ -14,7 +15,8 @@ import numpy as np
 
 from ltta import tracking
 from ltta.config import Params
-from ltta.corruptions import write_corruption_set
+from ltta.corruptions import check_release_matches, copy_corruption_set, write_corruption_set
+from ltta.data.corrupted_release import FetchedRelease, fetch_release
 from ltta.data import check_prepared_splits, load_source, loss_predictor_split, subsample_stratified, validate_splits
 from ltta.io import atomic_dir, save_npz, write_json
 from ltta.runtime import resolve_device
@@ -23,11 +25,19 @@ from ltta.stages.base import Paths, mlflow_stage
 STAGE = "prepare_data"
 
 
-def _cap(x: np.ndarray, y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _cap(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """Indices of a stratified cap of ``n`` images (all of them, in order, without a cap)."""
     if n is None or n >= len(y):
-        return x, y
-    idx = subsample_stratified(y, n, seed)
-    return x[idx], y[idx]
+        return np.arange(len(y))
+    return subsample_stratified(y, n, seed)
+
+
+def _fetch_release(params: Params) -> FetchedRelease | None:
+    """The official corrupted release, downloaded and unpacked before anything is written (None: generated)."""
+    c = params.corruptions
+    if c.source != "official":
+        return None
+    return fetch_release(params.data.source, Path(params.data.root), list(c.names), url=c.url, md5=c.md5)
 
 
 def run(params: Params, paths: Paths = Paths()) -> None:
@@ -45,8 +55,13 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             test_fraction=d.test_fraction,
             seed=params.seed,
         )
-        x_train, y_train = _cap(raw.x_train, raw.y_train, d.max_train, params.seed)
-        x_test, y_test = _cap(raw.x_test, raw.y_test, d.max_test, params.seed)
+        release = _fetch_release(params)
+        if release is not None:
+            check_release_matches(release.folder, raw.y_test)
+        keep_train = _cap(raw.y_train, d.max_train, params.seed)
+        x_train, y_train = raw.x_train[keep_train], raw.y_train[keep_train]
+        keep_test = _cap(raw.y_test, d.max_test, params.seed)
+        x_test, y_test = raw.x_test[keep_test], raw.y_test[keep_test]
         check_prepared_splits(y_train, y_test, raw.classes, d.valid_loss_fraction)  # before anything is written
         train_loss, valid_loss = loss_predictor_split(y_train, valid_fraction=d.valid_loss_fraction, seed=params.seed)
 
@@ -74,6 +89,8 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             # Per-channel statistics of the training images: the models normalise with these.
             "mean": (x_train.reshape(-1, 3).mean(0) / 255.0).round(4).tolist(),
             "std": (x_train.reshape(-1, 3).std(0) / 255.0).round(4).tolist(),
+            # Which corrupted set the benchmark holds: the report's protocol record names it.
+            "corrupted": release.provenance() if release else {"source": "generated", "seed": params.seed},
         }
         with atomic_dir(paths.prepared) as out:
             save_npz(out / "train.npz", x=x_train, y=y_train)
@@ -82,9 +99,14 @@ def run(params: Params, paths: Paths = Paths()) -> None:
             write_json(out / "meta.json", meta)
 
         c = params.corruptions
-        x_c, y_c = _cap(x_test, y_test, c.max_images, params.seed)
+        keep_c = _cap(y_test, c.max_images, params.seed)
         with atomic_dir(paths.corrupted) as out:
-            write_corruption_set(out, x_c, y_c, list(c.names), seed=params.seed, device=device, progress=True)
+            if release is None:
+                write_corruption_set(out, x_test[keep_c], y_test[keep_c], list(c.names), seed=params.seed, device=device,
+                                     progress=True)
+            else:  # the release corrupts the official test set in its order: keep our test images' rows
+                copy_corruption_set(out, release.folder, list(c.names), keep_test[keep_c], y_test[keep_c])
 
         tracking.log_metrics({k: v for k, v in meta.items() if isinstance(v, int)})
+        tracking.set_tags({f"ltta.corrupted.{k}": str(v) for k, v in meta["corrupted"].items()})
         tracking.log_artifacts([report_path, paths.prepared / "meta.json"])
