@@ -26,11 +26,25 @@ from tests.served import RangeHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: This process's pytest-xdist worker ("gw0", ...), None when pytest runs in one process.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+#: Modules that run whole pipelines in subprocesses for minutes: started first (``-n 2`` gives one
+#: worker to them while the other runs the rest), each on one worker with its module fixtures.
+LONG_FIRST = ("test_team.py", "test_kill.py", "test_faults.py", "test_flow.py")
+
+if XDIST_WORKER is None:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+else:
+    # One thread per worker, and for the stages it starts: workers x threads = cores, not twice as
+    # many threads spinning against each other (two workers at 2 threads each ran slower than one).
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests skip cleanly without CUDA, whatever -m selects."""
+    """GPU tests skip cleanly without CUDA, whatever -m selects; the long modules go first (under
+    ``--dist loadfile`` each module is one unit of work, its module fixtures built once)."""
+    items.sort(key=lambda item: LONG_FIRST.index(item.path.name) if item.path.name in LONG_FIRST else len(LONG_FIRST))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -189,18 +203,14 @@ def tiny_params(**overrides: dict) -> dict:
     return raw
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The stages run once per session, in process, on :func:`tiny_params`: a workspace that
-    tests read or copy, never change (its MLflow store is ``mlflow.db`` inside it)."""
+def _run_tiny_pipeline(root: Path, raw: dict) -> None:
+    """Every stage, in process, into ``root`` (its MLflow store ``root/mlflow.db``)."""
     import importlib
 
     from ltta.config import parse_params
     from ltta.stages import ORDER
     from ltta.stages.base import Paths
 
-    root = tmp_path_factory.mktemp("pipeline")
-    raw = tiny_params()
     params = parse_params(raw)
     before = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
@@ -212,6 +222,31 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The stages run once per session, in process, on :func:`tiny_params`: a workspace that
+    tests read or copy, never change (its MLflow store is ``mlflow.db`` inside it).
+
+    Under pytest-xdist the first worker that needs it runs it (a file lock), and every worker
+    works on its own copy: one pipeline run per session, and no two processes write one SQLite store.
+    """
+    raw = tiny_params()
+    root = tmp_path_factory.mktemp("pipeline")
+    if XDIST_WORKER is None:
+        _run_tiny_pipeline(root, raw)
+        return root, raw
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "tiny-pipeline"
+    with FileLock(f"{shared}.lock"):
+        if not (shared / ".complete").is_file():
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir()
+            _run_tiny_pipeline(shared, raw)
+            (shared / ".complete").touch()
+    shutil.copytree(shared, root, dirs_exist_ok=True)
     return root, raw
 
 
@@ -251,3 +286,11 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def kill_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """The kill tests' uninterrupted run (project, seconds), once per session: ``tests/killing.py``."""
+    from tests.killing import reference_run
+
+    return reference_run(tmp_path_factory.getbasetemp().parent / "kill-reference")

@@ -666,12 +666,28 @@ def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, what: str, 
         time.sleep(0.05)
 
 
+@pytest.fixture
+def prepared_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A workspace holding prepare_data's outputs only (what train-target reads): seconds, where the
+    whole pipeline's copy would first cost the session's pipeline run."""
+    from ltta.config import parse_params
+    from ltta.stages import prepare_data
+    from ltta.stages.base import Paths
+
+    ws = tmp_path / "ws"
+    shutil.copytree(ROOT / "conf" / "policies", ws / "conf" / "policies")  # train_target's policy dep
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")
+    prepare_data.run(parse_params(tiny_params()), Paths(ws))
+    return ws
+
+
 @pytest.mark.slow
-def test_a_second_run_of_a_stage_is_refused_while_the_first_finishes_intact(workspace: Path) -> None:
+def test_a_second_run_of_a_stage_is_refused_while_the_first_finishes_intact(prepared_workspace: Path) -> None:
     """Two `ltta train-target` in one workspace: the second exits 1 naming the first's pid; the first
     is unaffected and its model loads."""
     from ltta.model_io import load_model_file
 
+    workspace = prepared_workspace
     (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_params(train_target={"epochs": 4}), sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"}
     lock = workspace / "checkpoints" / ".locks" / "train-target.lock"

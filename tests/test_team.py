@@ -8,6 +8,9 @@ One tiny project (a git repo, `conf/` with a `tiny` profile) serves the three, i
 builds on the one before, so the pipeline runs once in full): the worker's run is the baseline
 commit; the grid changes one evaluate setting (std: only evaluate reruns) and the study (aug); the
 runner's job finds the committed aug experiment up to date and pushes it.
+
+Slow (three pipeline runs in subprocesses, minutes on 2 cores): ``pytest -m slow tests/test_team.py``;
+``.ci/run`` runs it beside the kill tests.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, tiny_params
+
+pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
