@@ -86,15 +86,16 @@ def test_every_result_carries_its_protocol_record(pipeline_run: tuple[Paths, dic
     assert record["data"]["test_md5"] == tracking.file_md5(paths.prepared / "test.npz")
     assert record["corrupted"] == {"source": "generated", "seed": raw["seed"]}
     assert record["target"]["md5"] == tracking.file_md5(paths.target) and record["target"]["source"].endswith("target.pt")
+    assert record["target"]["origin"] == "trained here"
     assert record["target"]["input"].startswith("RGB float [0,1]") and len(record["target"]["normalisation"]["mean"]) == 3
     assert record["images_per_cell"] == {"clean": 100, "corrupted": 100}
     assert record["severities"] == raw["evaluate"]["severities"] and record["corruptions"] == raw["corruptions"]["names"]
     assert record["methods"]["tent"] == {"batch_size": raw["evaluate"]["batch_size"],
                                          "reset": "model and optimiser before each set"}
     assert record["methods"]["flip"]["reset"] == "stateless"
-    client = mlflow.MlflowClient()
-    run = client.search_runs([mlflow.get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id],
-                             "tags.`ltta.stage` = 'evaluate'")[0]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{paths.root / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id],
+                             "tags.`ltta.stage` = 'evaluate'", order_by=["attributes.start_time ASC"])[0]  # the pipeline's
     assert run.data.tags["ltta.protocol.corrupted.source"] == "generated"
     assert run.data.tags["ltta.protocol.methods.tent.batch_size"] == str(raw["evaluate"]["batch_size"])
     assert json.loads(run.data.tags["ltta.protocol.severities"]) == raw["evaluate"]["severities"]

@@ -215,7 +215,7 @@ def render_grouped(runs: Sequence[EvalRun], by: str, metric: str, fmt: str) -> s
 
 #: Protocol fields that name the model being compared, not the conditions: they differ by design
 #: between studies (each trains its own target).
-IDENTITY_FIELDS = (PROTOCOL_TAG + "target.source", PROTOCOL_TAG + "target.md5")
+IDENTITY_FIELDS = (PROTOCOL_TAG + "target.source", PROTOCOL_TAG + "target.origin", PROTOCOL_TAG + "target.md5")
 
 
 def protocol_differences(runs: Sequence[EvalRun]) -> list[str]:

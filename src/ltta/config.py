@@ -39,7 +39,7 @@ def known_corruptions(names: list[str]) -> list[str]:
 
 #: Registered models that are no target classifier: the loss predictors take ``num_outputs``, not
 #: ``num_classes``; the aggregators take the views' logits.
-NOT_TARGET_ARCHS = frozenset({"loss_predictor", "feature_head", "agg_aug", "agg_class"})
+NOT_TARGET_ARCHS = frozenset({"loss_predictor", "feature_head", "agg_aug", "agg_class", "published"})
 
 
 def target_arch(name: str) -> str:
@@ -154,7 +154,18 @@ class CorruptionParams(_Section):
 NO_POLICY = "conf/policies/none.json"
 
 
+def target_source(value: str) -> str:
+    """``train_target.source`` parses (:func:`ltta.models.published.parse_source`): refused before any stage runs."""
+    from ltta.models.published import parse_source  # lazy: pulls in torch
+
+    parse_source(value)
+    return value
+
+
 class TrainTargetParams(_Section):
+    # train: the stage trains the target; checkpoint:<path> / torchvision:<model>[:<weights>]: a published
+    # target, written as models/target.pt without training (ltta.models.published).
+    source: str = "train"
     arch: str = "small_cnn"
     width: PositiveInt | None = None  # architecture width (small_cnn); None: the architecture's default
     # standard: crop+flip; augmix: + AugMix views and the JSD consistency loss (Hendrycks et al. 2020);
@@ -198,6 +209,7 @@ class TrainTargetParams(_Section):
 
     _known = field_validator("corruptions")(classmethod(lambda cls, v: known_corruptions(v)))
     _arch = field_validator("arch")(classmethod(lambda cls, v: target_arch(v)))
+    _source = field_validator("source")(classmethod(lambda cls, v: target_source(v)))
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainTargetParams:

@@ -5,7 +5,8 @@ images [N,3,H,W] in [0,1] and normalises them itself (see :class:`~ltta.models.l
 """
 
 from ltta.models import aggregator, feature_head, loss_predictor, resnet, small_cnn, wideresnet
+from ltta.models import published  # noqa: I001 (registers 'published' after the architectures it wraps)
 from ltta.models.layers import CIFAR_MEAN, CIFAR_STD, Normalize
 from ltta.models.registry import MODELS, build_model
 
-__all__ = ["aggregator", "CIFAR_MEAN", "CIFAR_STD", "MODELS", "Normalize", "build_model", "feature_head", "loss_predictor", "resnet", "small_cnn", "wideresnet"]
+__all__ = ["aggregator", "published", "CIFAR_MEAN", "CIFAR_STD", "MODELS", "Normalize", "build_model", "feature_head", "loss_predictor", "resnet", "small_cnn", "wideresnet"]

@@ -33,7 +33,7 @@ from ltta.io import atomic_dir, atomic_path, write_json, write_text
 from ltta.model_io import load_model_source
 from ltta.runtime import make_generator, resolve_device, seed_everything, to_float_nchw, to_uint8_nhwc
 from ltta.stages.base import Paths, mlflow_stage
-from ltta.stages.inputs import labelled_images, load_target, model_location, prepared_meta
+from ltta.stages.inputs import labelled_images, load_target_file, model_location, prepared_meta
 from ltta.stages.fit_aggregation import aggregator_path
 from ltta.transforms.policy import load_policy
 from ltta.tta import build_candidates, build_method
@@ -130,7 +130,7 @@ def run(params: Params, paths: Paths = Paths()) -> None:
     with tempfile.TemporaryDirectory(prefix="ltta-evaluate-") as tmp:
         # The files the learned TTA model is logged with: the very ones evaluated, wherever they came from.
         files = {"target": Path(tmp) / "target.pt", "predictor": Path(tmp) / "predictor.pt"}
-        target = load_target(e.target, paths, meta_data, device, copy_to=files["target"])
+        target, target_extra = load_target_file(e.target, paths, meta_data, device, copy_to=files["target"])
         predictor, pextra = (
             load_model_source(predictor_src, device, copy_to=files["predictor"]) if needs_predictor_file else (None, {})
         )
@@ -150,6 +150,8 @@ def run(params: Params, paths: Paths = Paths()) -> None:
         if e.selection == "abstain" and "learned" in e.methods and "abstain" not in pextra:
             raise ValueError(f"evaluate: selection 'abstain' needs the margin chosen on valid_loss, which {predictor_src} "
                              "does not hold (it predates it); rerun `ltta train-predictor` (or `dvc repro train_predictor`)")
+        # Where the target came from: its file says so for a published one (train_target.source).
+        meta_data = {**meta_data, "target_origin": target_extra.get("source", {}).get("source", "trained here")}
         _evaluate(params, paths, meta_data, device, target, predictor, pextra, files, (str(target_src), str(predictor_src)),
                   head, fitted)
 
@@ -211,7 +213,7 @@ def _protocol_record(params: Params, paths: Paths, meta_data: dict[str, Any], ta
         "data": {"source": meta_data["source"], "test_md5": tracking.file_md5(paths.prepared / "test.npz"),
                  "test_images": int(meta_data["n_test"])},
         "corrupted": dict(meta_data.get("corrupted", {"source": "generated"})),
-        "target": {"source": target_source, "md5": tracking.file_md5(target_file),
+        "target": {"source": target_source, "origin": meta_data["target_origin"], "md5": tracking.file_md5(target_file),
                    **input_convention(target, int(meta_data["image_size"]))},
         "images_per_cell": {"clean": int(len(sets[0].y)), "corrupted": int(len(corrupted[0].y)) if corrupted else 0},
         "corruptions": list(dict.fromkeys(s.corruption for s in corrupted)),
@@ -248,7 +250,8 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
             "dataset": meta_data["source"],
             "profile": params.profile,
             "study": f"{params.study} (unseen family: {params.unseen})",
-            "target": f"{params.train_target.arch} ({params.train_target.mode}, {params.train_target.epochs} epochs)",
+            "target": (f"{params.train_target.arch} ({params.train_target.mode}, {params.train_target.epochs} epochs)"
+                       if meta_data["target_origin"] == "trained here" else f"{meta_data['target_origin']} (not trained here)"),
             "test images": meta_data["n_test"] if e.max_images is None else min(e.max_images, meta_data["n_test"]),
             "candidates": len(candidates),
             "k": e.k,

@@ -75,10 +75,16 @@ def load_target(source: str, paths: Paths, meta: dict[str, Any], device: torch.d
                 copy_to: Path | None = None) -> torch.nn.Module:
     """The target a params model source names (a file under the root or an MLflow URI), checked to be
     trained on the prepared data's classes: what every stage that reads the target starts with."""
+    return load_target_file(source, paths, meta, device, copy_to=copy_to)[0]
+
+
+def load_target_file(source: str, paths: Paths, meta: dict[str, Any], device: torch.device, *,
+                     copy_to: Path | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """:func:`load_target` and the model file's extra (its history, and where a published target came from)."""
     location = model_location(source, paths)
     target, extra = load_model_source(location, device, copy_to=copy_to)
     check_target_classes(location, extra, meta)
-    return target
+    return target, extra
 
 
 def check_target_classes(path: str | Path, extra: dict[str, Any], meta: dict[str, Any]) -> None:

@@ -3,6 +3,9 @@
 Mode ``policy`` trains with the Fast AutoAugment policy file ``train_target.policy`` (e.g. the
 search_policy stage's ``policies/faa.json``), a DVC dep of this stage.
 
+``train_target.source`` other than ``train`` writes a published target instead of training one (a
+checkpoint file, a torchvision model: :mod:`ltta.models.published`), with the same outputs.
+
 Outputs: ``models/target.pt``, ``metrics/target.json`` (test error; MLflow has loss, train error,
 images/s), ``plots/target_curve.csv`` (per-epoch loss,
 error, lr, images/s). A checkpoint under ``checkpoints/`` keyed by the params makes a killed run
@@ -27,6 +30,7 @@ from ltta.checkpoint import file_digest, stable_hash
 from ltta.io import atomic_path, write_json
 from ltta.model_io import save_model_file
 from ltta.models import build_model
+from ltta.models.published import resolve_target
 from ltta.runtime import seed_everything, to_float_nchw
 from ltta.stages.base import Paths, mlflow_stage
 from ltta.stages.inputs import labelled_images, prepared_meta
@@ -105,9 +109,13 @@ def _run(params: Params, paths: Paths, proc: DistContext) -> None:
     meta = prepared_meta(paths)
     x_train, y_train = labelled_images(paths.prepared / "train.npz", meta)
     x_test, y_test = labelled_images(paths.prepared / "test.npz", meta)
+    kwargs = model_kwargs(p.width, meta)
+    if p.source != "train":
+        if proc.is_main:  # nothing to train: rank 0 resolves and writes it, the others wait at the barrier
+            _write_published(params, paths, meta, kwargs, device, (x_train, y_train, x_test, y_test))
+        return
 
     cfg = train_config(p, params.seed)
-    kwargs = model_kwargs(p.width, meta)
     policy = load_policy(paths.root / p.policy) if p.mode == "policy" else None
     policy_digest = file_digest(paths.root / p.policy) if policy is not None else None
     # The checkpoint's name leaves out what a resume may change (the lr, lowered after a divergence).
@@ -147,3 +155,32 @@ def _run(params: Params, paths: Paths, proc: DistContext) -> None:
             model, "ltta-target", x_te[:2].cpu().numpy(), register_as=lineage, model_file=paths.target
         )
     ckpt.unlink(missing_ok=True)  # the finished model is the artifact; the checkpoint only served resumption
+
+
+def _write_published(params: Params, paths: Paths, meta: dict[str, Any], kwargs: dict[str, Any], device: torch.device,
+                     data: tuple[Any, Any, Any, Any]) -> None:
+    """A target from ``train_target.source`` (a checkpoint, a published model), written, measured and
+    registered as a trained one, its source in the model file, the metrics and MLflow's tags."""
+    p = params.train_target
+    with mlflow_stage(STAGE, params, ("train_target",)):
+        resolved = resolve_target(p.source, p.arch, kwargs, int(meta["image_size"]), root=paths.root)
+        model = resolved.model.to(device)
+        x_train, y_train, x_test, y_test = data
+        x_tr, y_tr = to_float_nchw(x_train, device), torch.as_tensor(y_train, device=device)
+        x_te, y_te = to_float_nchw(x_test, device), torch.as_tensor(y_test, device=device)
+        train, test = evaluate_classifier(model, x_tr, y_tr), evaluate_classifier(model, x_te, y_te)
+        # One row, "epoch 0": the published model's errors on this data before (and without) any training here.
+        row = {"epoch": 0, "loss": round(float(train["loss"]), 4), "train_error": float(train["error"]),
+               "val_error": float(test["error"]), "val_loss": float(test["loss"])}
+        save_model_file(paths.target, model, resolved.arch, resolved.kwargs,
+                        extra={"classes": meta["classes"], "history": [], "source": resolved.provenance})
+        test_error = round(100.0 * float(test["error"]), 4)
+        write_json(paths.metrics / "target.json", {"test_err": test_error})
+        write_curve(paths.plots / "target_curve.csv", [row])
+        tracking.log_metrics({"test_error": test_error, "test_loss": round(float(test["loss"]), 4),
+                              "train_error": round(100.0 * float(train["error"]), 4)})
+        tracking.set_tags({f"ltta.target.{k}": str(v) for k, v in resolved.provenance.items()})
+        lineage = tracking.lineage_tags(STAGE, paths.target, paths.root) if params.tracking.register_models else None
+        tracking.log_and_register_model(
+            model, "ltta-target", x_te[:2].cpu().numpy(), register_as=lineage, model_file=paths.target
+        )
