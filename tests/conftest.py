@@ -28,9 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: This process's pytest-xdist worker ("gw0", ...), None when pytest runs in one process.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-#: Modules that run whole pipelines in subprocesses for minutes: started first (``-n 2`` gives one
-#: worker to them while the other runs the rest), each on one worker with its module fixtures.
-LONG_FIRST = ("test_team.py", "test_kill.py", "test_faults.py", "test_flow.py")
+#: Modules that run whole pipelines in subprocesses for minutes: started first, longest first (``-n 2``
+#: gives one worker to each while the other runs the rest), each on one worker with its module
+#: fixtures. In the slow set the flow's kill test comes before the dvc one: whichever starts first
+#: makes the shared reference run, and the team tests (the longest) run beside it.
+LONG_FIRST = ("test_team.py", "test_kill_flow.py", "test_kill.py", "test_faults.py", "test_flow.py")
 
 if XDIST_WORKER is None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
