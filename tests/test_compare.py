@@ -117,9 +117,9 @@ def _run(label: str, **protocol: str) -> EvalRun:
 
 def test_protocol_differences_name_each_field_and_ignore_what_names_the_model() -> None:
     same = {"corrupted__source": "official", "corrupted__md5": "abc", "methods__tent__batch_size": "200"}
-    a = _run("a", **same, target__md5="1", target__source="models/target.pt")
-    b = _run("b", **same, target__md5="2", target__source="torchvision:resnet50")
-    assert protocol_differences([a, b]) == []  # another target is what a comparison compares
+    a = _run("a", **same, target__md5="1", target__source="models/target.pt", seed="0")
+    b = _run("b", **same, target__md5="2", target__source="torchvision:resnet50", seed="1")
+    assert protocol_differences([a, b]) == []  # another target (or seed) is what a comparison compares
     c = _run("c", **{**same, "corrupted__source": "generated", "methods__tent__batch_size": "512"})
     assert protocol_differences([a, c]) == ["corrupted.source: a=official; c=generated",
                                             "methods.tent.batch_size: a=200; c=512"]

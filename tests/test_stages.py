@@ -79,6 +79,7 @@ def test_every_stage_writes_its_outputs(pipeline_run: tuple[Paths, dict]) -> Non
 
 def test_every_result_carries_its_protocol_record(pipeline_run: tuple[Paths, dict]) -> None:
     import mlflow
+    import torch
 
     paths, raw = pipeline_run
     record = json.loads((paths.reports / "eval.json").read_text())["protocol"]
@@ -93,6 +94,8 @@ def test_every_result_carries_its_protocol_record(pipeline_run: tuple[Paths, dic
     assert record["methods"]["tent"] == {"batch_size": raw["evaluate"]["batch_size"],
                                          "reset": "model and optimiser before each set"}
     assert record["methods"]["flip"]["reset"] == "stateless"
+    assert record["seed"] == raw["seed"] and record["environment"]["device"] == "cpu"
+    assert record["environment"]["torch"] == torch.__version__ and len(record["stream_md5"]) == 32
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{paths.root / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id],
                              "tags.`ltta.stage` = 'evaluate'", order_by=["attributes.start_time ASC"])[0]  # the pipeline's

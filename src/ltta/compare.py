@@ -213,9 +213,9 @@ def render_grouped(runs: Sequence[EvalRun], by: str, metric: str, fmt: str) -> s
     return f"{metric} (mean ± sd over runs)\n\n" + _markdown(header, body)
 
 
-#: Protocol fields that name the model being compared, not the conditions: they differ by design
-#: between studies (each trains its own target).
-IDENTITY_FIELDS = (PROTOCOL_TAG + "target.source", PROTOCOL_TAG + "target.origin", PROTOCOL_TAG + "target.md5")
+#: Protocol fields that differ by design between the runs a comparison puts side by side: the model
+#: being compared (each study trains its own target) and the seed (``--by seed``).
+IDENTITY_FIELDS = tuple(PROTOCOL_TAG + f for f in ("target.source", "target.origin", "target.md5", "seed"))
 
 
 def protocol_differences(runs: Sequence[EvalRun]) -> list[str]:

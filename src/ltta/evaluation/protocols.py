@@ -19,10 +19,14 @@ stream order. Two numbers are comparable only where those agree; ``ltta compare`
 
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from ltta.registry import Registry
 from ltta.tracking import PROTOCOL_TAG
@@ -83,4 +87,29 @@ def protocol_tags(record: Mapping[str, Any]) -> dict[str, str]:
             out[PROTOCOL_TAG + prefix.rstrip(".")] = value if isinstance(value, str) else json.dumps(value)
 
     walk("", record)
+    return out
+
+
+def stream_digest(sets: Sequence[tuple[str, int, Any]]) -> str:
+    """md5 of the evaluation stream: each set's name, severity and label sequence, in the order run
+    (two runs with the same digest saw the same sets, the same images' labels, in the same order)."""
+    digest = hashlib.md5()
+    for name, severity, labels in sets:
+        digest.update(f"{name}/{severity}:".encode())
+        digest.update(labels.detach().to("cpu", dtype=torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def environment(device: Any) -> dict[str, str]:
+    """What ran the numbers: the libraries whose kernels make them and the device (bf16 on a GPU, fp32 on CPU)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"device": str(device), "torch": torch.__version__, "python": platform.python_version()}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        out["device"] += f" ({torch.cuda.get_device_name(device)})"
+    for package in ("torchvision", "ltta"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
     return out

@@ -37,7 +37,9 @@ from ltta.stages.inputs import labelled_images, load_target_file, model_location
 from ltta.stages.fit_aggregation import aggregator_path
 from ltta.transforms.policy import load_policy
 from ltta.tta import build_candidates, build_method
-from ltta.evaluation.protocols import input_convention, method_batch_sizes, method_streams, protocol_tags
+from ltta.evaluation.protocols import (
+    environment, input_convention, method_batch_sizes, method_streams, protocol_tags, stream_digest,
+)
 from ltta.tta.aggregation import AGGREGATORS
 from ltta.tta.gps import load_gps_policy
 
@@ -204,7 +206,8 @@ def _method_settings(params: Params, pextra: dict[str, Any], head: tuple[torch.n
 
 
 def _protocol_record(params: Params, paths: Paths, meta_data: dict[str, Any], target: torch.nn.Module, target_file: Path,
-                     target_source: str, sets: list[EvalSet], batches: dict[str, int], adapting: list[str]) -> dict[str, Any]:
+                     target_source: str, sets: list[EvalSet], batches: dict[str, int], adapting: list[str],
+                     device: torch.device) -> dict[str, Any]:
     """Everything a published number's protocol fixes, as evaluated here (see :mod:`ltta.evaluation.protocols`)."""
     e = params.evaluate
     corrupted = [s for s in sets if s.corruption != CLEAN]
@@ -221,6 +224,9 @@ def _protocol_record(params: Params, paths: Paths, meta_data: dict[str, Any], ta
         "methods": method_streams(batches, adapting),
         "stream_order": "the test split's order" + (f", a stratified {e.max_images} (seed {params.seed})"
                                                     if e.max_images is not None else ""),
+        "stream_md5": stream_digest([(s.corruption, s.severity, s.y) for s in sets]),
+        "seed": params.seed,
+        "environment": environment(device),
     }
 
 
@@ -275,7 +281,7 @@ def _evaluate(params: Params, paths: Paths, meta_data: dict[str, Any], device: t
         }
         summary = results.summary(baseline_method=e.baseline, unseen=unseen)
         record = _protocol_record(params, paths, meta_data, target, files["target"], sources[0], sets, batches,
-                                  [n for n, m in methods.items() if m.adapts_on_test_stream])
+                                  [n for n, m in methods.items() if m.adapts_on_test_stream], device)
         write_json(paths.reports / "eval.json",
                    {"protocol": record, **results.to_json(baseline_method=e.baseline, unseen=unseen)})
         tracking.set_tags(protocol_tags(record))
