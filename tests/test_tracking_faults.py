@@ -219,3 +219,45 @@ def test_a_5xx_answer_left_after_mlflows_retries_names_the_server(code: str, nam
     with pytest.raises(expected) as caught, server_errors_named(uri, "train-target"):
         raise RestException({"error_code": code, "message": "injected"})
     assert (uri in str(caught.value)) is named
+
+
+def test_a_local_store_is_created_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed while MLflow creates a new SQLite store's tables left a store every later run
+    refused ("table span_metrics already exists"; the kill tests met it): the store is built under a
+    temporary name and appears whole, a dead creator's partial store is swept, a rival's store is kept."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from ltta import tracking
+
+    store = tmp_path / "ws" / "mlflow.db"
+    uri = f"sqlite:///{store}"
+    real_search = mlflow.MlflowClient.search_experiments
+
+    def dies(self, *args, **kwargs):  # the creating process dies half way through
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow.MlflowClient, "search_experiments", dies)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.ensure_local_store(uri)
+    assert not store.exists()  # nothing under the final name; a rerun starts afresh
+    monkeypatch.setattr(mlflow.MlflowClient, "search_experiments", real_search)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    partial = store.with_name(f".mlflow.db.{dead.stdout.strip()}-0a1b2c3d.partial")
+    partial.write_bytes(b"half a database")
+    tracking.check_reachable(uri)  # what every stage calls first
+    assert [e.name for e in mlflow.MlflowClient(tracking_uri=uri).search_experiments()] == ["Default"]
+    assert sorted(p.name for p in store.parent.iterdir()) == ["mlflow.db"]
+
+    rival = tmp_path / "rival" / "mlflow.db"
+    real_link = tracking.os.link
+
+    def rival_first(src, dst):  # another process links its store in between
+        Path(dst).write_bytes(b"theirs")
+        return real_link(src, dst)
+
+    monkeypatch.setattr(tracking.os, "link", rival_first)
+    tracking.ensure_local_store(f"sqlite:///{rival}")
+    assert rival.read_bytes() == b"theirs" and sorted(p.name for p in rival.parent.iterdir()) == ["mlflow.db"]

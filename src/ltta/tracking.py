@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import time
+import uuid
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -70,11 +71,56 @@ def _reason(exc: BaseException) -> str:
     return text[:160]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ensure_local_store(uri: str) -> None:
+    """Create a local SQLite store whole before anything uses it.
+
+    MLflow creates a new store's tables and runs its migrations one statement at a time; a process
+    killed meanwhile (SIGKILL, the OOM killer, a cancelled CI job) leaves a database every later run
+    refuses ("table span_metrics already exists"), which the kill tests met. So a missing store is
+    built under a temporary name and linked into place only once complete (``os.link`` fails if
+    another process got there first; its store is kept and ours dropped). Partial stores of dead
+    processes are swept.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists() or str(path) in ("", ":memory:"):
+        return
+    import mlflow
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.partial"):
+        pid = stale.name.removeprefix(f".{path.name}.").split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    # A fresh name per call: MLflow keeps a store (and its open connection) per URI for the process's life.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp.resolve()}").search_experiments(max_results=1)  # creates it
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process created the store meanwhile: use theirs
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def check_reachable(uri: str, retry_seconds: float = 0.0, request_timeout: float = 5.0) -> None:
     """Wait, with exponential backoff, up to ``retry_seconds`` for an HTTP tracking server's /health
     to answer 200; then fail naming the URI, the last cause and the fix. Nothing is logged
-    elsewhere meanwhile: a local store in place of the team's server would split its runs."""
+    elsewhere meanwhile: a local store in place of the team's server would split its runs. A local
+    SQLite store that does not exist yet is created whole (:func:`ensure_local_store`)."""
     if not is_server(uri):
+        ensure_local_store(uri)
         return
     deadline = time.monotonic() + retry_seconds
     pause, attempts = 0.5, 0
