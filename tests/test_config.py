@@ -186,3 +186,26 @@ def test_dvc_exp_run_composition_matches_ours(tmp_path: Path, overrides: list[st
 def test_dvc_config_enables_hydra() -> None:
     text = (ROOT / ".dvc" / "config").read_text()
     assert "[hydra]" in text and "enabled = true" in text
+
+
+def test_every_param_can_be_set_from_the_command_line(tmp_path: Path) -> None:
+    """Hydra overrides (`ltta params key=value`, `dvc exp run -S key=value`) reach only keys that
+    conf/config.yaml holds: a schema key missing there can be set by no user (train_target.source was)."""
+    conf = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())
+    params = load_params(ROOT / "params.yaml").model_dump()
+
+    def missing(schema: dict, composed: dict, prefix: str = "") -> list[str]:
+        out = []
+        for key, value in schema.items():
+            if key not in composed:
+                out.append(prefix + key)
+            elif isinstance(value, dict) and isinstance(composed[key], dict):
+                out += missing(value, composed[key], f"{prefix}{key}.")
+        return out
+
+    assert missing(params, conf) == []
+    out = subprocess.run([sys.executable, "-m", "ltta.cli", "params", "train_target.source=checkpoint:models/wrn.pt",
+                          "corruptions.source=generated", "--conf", str(ROOT / "conf"), "--out", str(tmp_path / "p.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert load_params(tmp_path / "p.yaml").train_target.source == "checkpoint:models/wrn.pt"

@@ -184,5 +184,9 @@ def test_fetch_resumes_a_download_and_names_a_bad_checksum(served: tuple[str, Pa
     assert got.provenance()["url"] == f"{base}/CIFAR-100-C.tar" and got.provenance()["record"] == "10.5281/zenodo.3555552"
     with pytest.raises(ValueError, match="exists but its md5 is"):  # the record's md5, not this file's
         fetch_release("cifar100", root, NAMES, url=f"{base}/", progress=False)
+    (root / "CIFAR-100-C.tar").unlink()
+    with pytest.raises(ValueError, match="expected md5 11f0ed0f1191edbf9fa23466ae6021d3.*point corruptions.url at the official"):
+        fetch_release("cifar100", root, NAMES, url=f"{base}/", progress=False)
+    assert not (root / "CIFAR-100-C.tar").exists() and not (root / "CIFAR-100-C.tar.part").exists()
     with pytest.raises(ValueError, match="no official corrupted release for data source 'digits'"):
         fetch_release("digits", root, NAMES)

@@ -100,7 +100,7 @@ def fetch_release(dataset: str, root: Path, names: Sequence[str], *, url: str | 
     root.mkdir(parents=True, exist_ok=True)
     source = _release_url(release, url)
     digest = (md5 or release.md5).lower()
-    archive = download_file(source, root / release.archive, digest, progress=progress)
+    archive = download_file(source, root / release.archive, digest, progress=progress, url_key="corruptions.url")
     folder = unpack_release(archive, root, release.folder, names)
     return FetchedRelease(folder, dataset, source, release.archive, digest, release.record)
 

@@ -60,13 +60,15 @@ def download_file(
     chunk_size: int = 1 << 20,
     progress: bool = True,
     timeout: float = 60.0,
+    url_key: str = "data.url",
 ) -> Path:
     """Download ``url`` to ``dest`` and verify its MD5; return ``dest``.
 
     Nothing is fetched when ``dest`` already holds a file with checksum ``md5``. An interrupted
     download leaves ``<dest>.part``, which the next call continues with ``Range: bytes=<size>-``
     (and restarts from zero if the server answers 200). ``dest`` appears only after the checksum
-    matched, so a file under the final name is always a verified one.
+    matched, so a file under the final name is always a verified one. ``url_key`` is the params key
+    that sets ``url``: the messages name it as the fix.
     """
     dest = Path(dest)
     md5 = md5.lower()
@@ -81,7 +83,7 @@ def download_file(
             f"delete it to download again, or if it is the archive you want, pass its md5 instead"
         )
     part = dest.with_name(dest.name + ".part")
-    hint = f"set the dataset's url (data.url in params.yaml) to a reachable mirror, or download {url} by hand and place it at {dest}"
+    hint = f"set {url_key} in params.yaml to a reachable mirror, or download {url} by hand and place it at {dest}"
     try:
         _fetch(url, part, chunk_size=chunk_size, progress=progress, timeout=timeout, desc=dest.name)
     except urllib.error.HTTPError as exc:
@@ -94,7 +96,7 @@ def download_file(
         part.unlink()
         raise ValueError(
             f"checksum mismatch for {url}: expected md5 {md5}, got {got}; the download was deleted. "
-            f"Rerun to download again; if the server holds a different archive, point data.url at the official one "
+            f"Rerun to download again; if the server holds a different archive, point {url_key} at the official one "
             f"or place the right file at {dest}"
         )
     part.replace(dest)
