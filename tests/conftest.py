@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -239,17 +239,24 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
     if XDIST_WORKER is None:
         _run_tiny_pipeline(root, raw)
         return root, raw
+    shared = built_once(tmp_path_factory.getbasetemp().parent / "tiny-pipeline", lambda d: _run_tiny_pipeline(d, raw))
+    shutil.copytree(shared, root, dirs_exist_ok=True)
+    return root, raw
+
+
+def built_once(shared: Path, build: Callable[[Path], None]) -> Path:
+    """``build(shared)`` once per session across pytest-xdist workers (``shared`` lies beside the
+    workers' temp folders): the first to ask builds it under a file lock, the others wait and reuse
+    it; a marker says the build finished, so a crashed worker's half-built folder is built again."""
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp().parent / "tiny-pipeline"
     with FileLock(f"{shared}.lock"):
         if not (shared / ".complete").is_file():
             shutil.rmtree(shared, ignore_errors=True)
-            shared.mkdir()
-            _run_tiny_pipeline(shared, raw)
+            shared.mkdir(parents=True)
+            build(shared)
             (shared / ".complete").touch()
-    shutil.copytree(shared, root, dirs_exist_ok=True)
-    return root, raw
+    return shared
 
 
 def copy_workspace(root: Path, dest: Path, *leave_out: str) -> Path:

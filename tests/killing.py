@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT, make_project, tiny_params
+from tests.conftest import ROOT, built_once, make_project, tiny_params
 
 BIN = Path(sys.executable).parent
 SEED = 20261206
@@ -110,16 +109,14 @@ def reference_run(shared: Path) -> tuple[Path, float]:
     pytest-xdist the first worker to need it runs it and the other waits (a file lock), so a
     session runs it once.
     """
-    from filelock import FileLock
 
-    with FileLock(f"{shared}.lock"):
-        span_file = shared / ".span"
-        if not span_file.is_file():
-            shutil.rmtree(shared, ignore_errors=True)
-            project = make_project(shared / "project", params())
-            span = run_to_end([str(BIN / "dvc"), "repro"], project, shared / "reference.log")
-            span_file.write_text(f"{span}\n")
-    return shared / "project", float(span_file.read_text())
+    def build(folder: Path) -> None:
+        project = make_project(folder / "project", params())
+        span = run_to_end([str(BIN / "dvc"), "repro"], project, folder / "reference.log")
+        (folder / ".span").write_text(f"{span}\n")
+
+    shared = built_once(shared, build)
+    return shared / "project", float((shared / ".span").read_text())
 
 
 def check_ends_as_the_reference(killed: Path, reference: Path, hit: list[str]) -> None:

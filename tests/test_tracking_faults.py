@@ -245,19 +245,21 @@ def test_a_local_store_is_created_whole_or_not_at_all(tmp_path: Path, monkeypatc
     assert not store.exists()  # nothing under the final name; a rerun starts afresh
     monkeypatch.setattr(mlflow.MlflowClient, "search_experiments", real_search)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    partial = store.with_name(f".mlflow.db.{dead.stdout.strip()}-0a1b2c3d.partial")
+    partial = store.with_name(f".mlflow.db.{dead.stdout.strip()}.0a1b2c3d.tmp")  # as ltta.io names temporaries
     partial.write_bytes(b"half a database")
     tracking.check_reachable(uri)  # what every stage calls first
     assert [e.name for e in mlflow.MlflowClient(tracking_uri=uri).search_experiments()] == ["Default"]
     assert sorted(p.name for p in store.parent.iterdir()) == ["mlflow.db"]
 
     rival = tmp_path / "rival" / "mlflow.db"
-    real_link = tracking.os.link
+    import ltta.io
+
+    real_link = ltta.io.os.link
 
     def rival_first(src, dst):  # another process links its store in between
         Path(dst).write_bytes(b"theirs")
         return real_link(src, dst)
 
-    monkeypatch.setattr(tracking.os, "link", rival_first)
+    monkeypatch.setattr(ltta.io.os, "link", rival_first)
     tracking.ensure_local_store(f"sqlite:///{rival}")
     assert rival.read_bytes() == b"theirs" and sorted(p.name for p in rival.parent.iterdir()) == ["mlflow.db"]

@@ -42,25 +42,51 @@ def _sweep_stale_temps(final: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    final = Path(path)
+def _temp_beside(final: Path) -> Path:
+    """An empty ``.name.<pid>.<random>.tmp`` beside ``final`` (its folder made, dead writers' temporaries swept)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_temps(final)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
+    return Path(tmp_name)
+
+
+def _usual_permissions(tmp: Path) -> None:
+    """mkstemp makes 0600; outputs get the permissions the umask gives a new file."""
     umask = os.umask(0)
     os.umask(umask)
+    if tmp.exists():
+        os.chmod(tmp, 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    final = Path(path)
+    tmp = _temp_beside(final)
     try:
         yield tmp
-        if tmp.exists():
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+        _usual_permissions(tmp)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_create(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """:func:`atomic_path` for a file several processes may create at once (a local MLflow store):
+    the block's complete file is linked into place only if ``path`` does not exist by then
+    (``os.link`` never replaces), so the first one made stays and a later one is dropped."""
+    final = Path(path)
+    tmp = _temp_beside(final)
+    try:
+        yield tmp
+        _usual_permissions(tmp)
+        with contextlib.suppress(FileExistsError):  # another process created it first: theirs is kept
+            os.link(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

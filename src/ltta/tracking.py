@@ -15,10 +15,9 @@ import os
 import re
 import subprocess
 import time
-import uuid
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,47 +70,28 @@ def _reason(exc: BaseException) -> str:
     return text[:160]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def ensure_local_store(uri: str) -> None:
     """Create a local SQLite store whole before anything uses it.
 
     MLflow creates a new store's tables and runs its migrations one statement at a time; a process
     killed meanwhile (SIGKILL, the OOM killer, a cancelled CI job) leaves a database every later run
     refuses ("table span_metrics already exists"), which the kill tests met. So a missing store is
-    built under a temporary name and linked into place only once complete (``os.link`` fails if
-    another process got there first; its store is kept and ours dropped). Partial stores of dead
-    processes are swept.
+    built under a temporary name and linked into place only once complete (:func:`ltta.io.atomic_create`:
+    a store another process made first is kept; dead creators' temporaries are swept). The
+    temporary's name is new on every call, which matters: MLflow keeps a store, and its open
+    connection, per URI for the process's life.
     """
     if not uri.startswith("sqlite:///"):
         return
     path = Path(uri.removeprefix("sqlite:///"))
-    if path.exists() or str(path) in ("", ":memory:"):
+    if str(path) in ("", ":memory:") or path.exists():
         return
     import mlflow
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.partial"):
-        pid = stale.name.removeprefix(f".{path.name}.").split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            stale.unlink(missing_ok=True)
-    # A fresh name per call: MLflow keeps a store (and its open connection) per URI for the process's life.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
-    try:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp.resolve()}").search_experiments(max_results=1)  # creates it
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # another process created the store meanwhile: use theirs
-    finally:
-        tmp.unlink(missing_ok=True)
+    from ltta.io import atomic_create
+
+    with atomic_create(path) as tmp:  # SQLite takes the empty temporary as a new database
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp.resolve()}").search_experiments(max_results=1)
 
 
 def check_reachable(uri: str, retry_seconds: float = 0.0, request_timeout: float = 5.0) -> None:
@@ -191,15 +171,20 @@ def git_commit(root: Path | None = None) -> str:
         return "unknown"
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their string form (MLflow params are strings)."""
+def _param_value(v: Any) -> Any:
+    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "", leaf: Callable[[Any], Any] = _param_value) -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, each value through ``leaf``: by default lists become their
+    string form (MLflow params are strings)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
+            out.update(flatten(v, key + ".", leaf))
         else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+            out[key] = leaf(v)
     return out
 
 

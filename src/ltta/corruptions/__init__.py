@@ -22,7 +22,8 @@ from ltta.corruptions.names import ALL_CORRUPTIONS, BENCHMARK, EXTRA, FAMILIES
 _LAZY: dict[str, str] = {
     "corrupt": "apply", "corrupt_images": "apply", "derive_seed": "apply", "random_corruptions": "apply",
     "truncate_to_uint8": "apply", "CORRUPTIONS": "base", "CorruptionFn": "base",
-    "available_corruptions": "cifar_c", "check_release_matches": "cifar_c", "copy_corruption_set": "cifar_c", "read_corruption": "cifar_c", "write_corruption_set": "cifar_c",
+    "available_corruptions": "cifar_c", "check_release_matches": "cifar_c", "copy_corruption_set": "cifar_c",
+    "read_corruption": "cifar_c", "write_corruption_set": "cifar_c",
     "SEVERITIES": "severity", "TABLES": "severity",
 }
 #: Importing the op modules registers them, in no particular order; BENCHMARK/EXTRA give the order.

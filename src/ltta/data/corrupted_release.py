@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ltta.corruptions.cifar_c import LABELS_FILE
 from ltta.data.download import check_members, download_file
-
-LABELS = "labels.npy"
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def unpack_release(archive: Path, root: Path, folder: str, names: Sequence[str])
     A file already there with its member's size is kept (a rerun unpacks only what is missing);
     each member is written to ``.<name>.partial`` and renamed when complete.
     """
-    wanted = [f"{n}.npy" for n in names] + [LABELS]
+    wanted = [f"{n}.npy" for n in names] + [LABELS_FILE]
     try:
         with tarfile.open(archive, "r:") as tar:
             members = tar.getmembers()

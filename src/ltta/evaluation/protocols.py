@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ltta.registry import Registry
-from ltta.tracking import PROTOCOL_TAG
+from ltta.tracking import PROTOCOL_TAG, flatten
 
 
 @dataclass(frozen=True)
@@ -77,17 +77,7 @@ def method_streams(batch_sizes: Mapping[str, int], adapting: Sequence[str]) -> d
 
 def protocol_tags(record: Mapping[str, Any]) -> dict[str, str]:
     """The record as flat MLflow tags ``ltta.protocol.<a>.<b>`` (lists as JSON), for filtering and comparing runs."""
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            out[PROTOCOL_TAG + prefix.rstrip(".")] = value if isinstance(value, str) else json.dumps(value)
-
-    walk("", record)
-    return out
+    return flatten(record, PROTOCOL_TAG, leaf=lambda v: v if isinstance(v, str) else json.dumps(v))
 
 
 def stream_digest(sets: Sequence[tuple[str, int, Any]]) -> str:
